@@ -1,0 +1,108 @@
+"""The `mmupt` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_settings
+from .service import configure_logging
+
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
+
+
+def _settings(args, overrides=None):
+    return load_settings(args.config, overrides=overrides)
+
+
+def cmd_run(args) -> int:
+    from .run import RunFailed, run
+
+    overrides = {"learner": {"max_steps": args.max_steps}} if args.max_steps is not None else None
+    settings = _settings(args, overrides)
+    out = Path(args.out) if args.out else Path("runs") / time_tag()
+    try:
+        summary = run(settings, out, args.run_id)
+    except RunFailed as exc:
+        print(f"mmupt run failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "streams"}, indent=2))
+    print(f"summary: {out / 'summary.json'}")
+    return 0 if summary["status"] == "finished" else 130
+
+
+def time_tag() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def cmd_service(args) -> int:
+    settings = _settings(args)
+    if args.command == "rollout":
+        from .services.rollout.main import run
+    elif args.command == "voter":
+        from .services.voter.main import run
+    else:
+        from .services.learner.main import run
+    return run(settings)
+
+
+def cmd_build_tiny(args) -> int:
+    from .model import build_tiny
+
+    print(build_tiny(args.out, seed=args.seed))
+    return 0
+
+
+def cmd_make_data(args) -> int:
+    from .shapes_task import write_dataset
+
+    train, test = write_dataset(args.out, args.train, args.eval, args.seed)
+    print(f"{train}\n{test}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmupt", description="Label-free post-training of multimodal LLMs (MM-UPT).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run rollout, voter and learner together (embedded server by default)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides learner.max_steps)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<time>)")
+    p.add_argument("--run-id", default=None, help="Redis key prefix of the run (default: a fresh one)")
+    p.set_defaults(func=cmd_run)
+
+    for name, text in (("rollout", "the rollout server"), ("voter", "the voter"), ("learner", "the learner")):
+        p = sub.add_parser(name, help=f"run {text} alone against redis_url / MMUPT_REDIS_URL")
+        p.add_argument("--config", default=DEFAULT_CONFIG)
+        p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build_tiny)
+
+    p = sub.add_parser("make-data", help="write the synthetic shapes task (train and held-out splits)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=512)
+    p.add_argument("--eval", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"mmupt: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

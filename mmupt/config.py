@@ -1,0 +1,222 @@
+"""One YAML file per run, validated into typed settings.
+
+Every field can be overridden by an environment variable: `MMUPT_<FIELD>` for a top-level field and
+`MMUPT_<SECTION>__<FIELD>` for a nested one (e.g. `MMUPT_REDIS_URL`, `MMUPT_LEARNER__LR`), so that
+compose and Kubernetes set it without new files. Unknown keys and wrong types are refused with an
+error that names the field.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "MMUPT_"
+# Environment variables with our prefix that are not config fields.
+NON_CONFIG_ENV = {"MMUPT_CONFIG", "MMUPT_CONSUMER_NAME", "MMUPT_LOG_LEVEL"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Section):
+    path: str = "artifacts/tiny-qwen2_5_vl"
+    # Build the tiny offline Qwen2.5-VL at `path` when the folder does not exist (demo and tests).
+    build_tiny_if_missing: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    min_pixels: int = Field(56 * 56, gt=0)
+    max_pixels: int = Field(112 * 112, gt=0)
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self):
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
+
+
+class DataSettings(Section):
+    train: str = "artifacts/shapes/train.jsonl"
+    eval: str | None = "artifacts/shapes/test.jsonl"
+    # Generate the project's synthetic visual task at train/eval when those files are missing.
+    synthetic_if_missing: bool = False
+    synthetic_train_size: int = Field(512, gt=0)
+    synthetic_eval_size: int = Field(128, gt=0)
+    synthetic_seed: int = 0
+    shuffle_seed: int = 0
+
+
+class PromptSettings(Section):
+    suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
+    system: str | None = None  # None keeps the chat template's default system message
+
+
+class StreamSettings(Section):
+    # Producers wait (back-pressure) while a stream holds this many unprocessed entries.
+    max_len: int = Field(1024, gt=0)
+    # Entries claimed by a consumer and idle this long are reclaimed by another (crash recovery).
+    claim_idle_ms: int = Field(60_000, gt=0)
+    # A message delivered this many times without being acked goes to the dead-letter stream.
+    max_deliveries: int = Field(5, gt=0)
+    block_ms: int = Field(1000, gt=0)
+    image_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    deadletter_max_len: int = Field(10_000, gt=0)
+
+
+class RolloutSettings(Section):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    group_size: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    max_prompt_tokens: int = Field(2048, gt=0)
+    # Prompts generated together in one backend call (each yields a whole group).
+    prompts_per_batch: int = Field(1, ge=1)
+    seed: int | None = None
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    # The address the learner uses to reach this server's WeightSync service (defaults to host).
+    advertise_host: str | None = None
+    heartbeat_s: float = Field(2.0, gt=0)
+
+
+class VoterSettings(Section):
+    reward_mode: Literal["majority", "ground_truth"] = "majority"
+    host: str = "127.0.0.1"
+    http_port: int = Field(8001, ge=0, le=65535)
+    groups_per_read: int = Field(16, ge=1)
+
+
+class LearnerSettings(Section):
+    # Groups (prompts) per optimizer step.
+    batch_groups: int = Field(4, ge=1)
+    # Groups per forward/backward pass; gradients accumulate to batch_groups.
+    micro_groups: int = Field(1, ge=1)
+    max_steps: int = Field(5, ge=0)
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.3, ge=0)
+    dual_clip: float = Field(3.0, gt=1)
+    kl_coef: float = Field(0.01, ge=0)
+    kl_clamp: float = Field(10.0, gt=0)
+    # Truncated importance weight cap for groups sampled at an older policy version.
+    tis_cap: float = Field(2.0, gt=0)
+    # Groups more than this many versions behind the learner are dropped (counted) at consumption;
+    # admission keeps in-flight prompts within what this allows.
+    max_staleness: int = Field(2, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    host: str = "127.0.0.1"
+    http_port: int = Field(8002, ge=0, le=65535)
+    checkpoint_dir: str = "runs/checkpoints"
+    push_timeout_s: float = Field(120.0, gt=0)
+    # Chunk size of gRPC weight pushes (256 KiB measured fastest on loopback).
+    push_chunk_bytes: int = Field(256 * 1024, gt=0)
+
+
+class AuthSettings(Section):
+    # Token for weight pushes and other state-changing calls. Prefer token_file (a mounted secret).
+    token: str | None = Field(None, repr=False)
+    token_file: str | None = None
+
+    def resolve_token(self) -> str | None:
+        if self.token_file:
+            return Path(self.token_file).read_text().strip()
+        return self.token
+
+
+class Settings(Section):
+    run_id: str = "default"
+    # None: `mmupt run` starts an embedded Valkey server; the single services require a URL.
+    redis_url: str | None = None
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    prompt: PromptSettings = PromptSettings()
+    streams: StreamSettings = StreamSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    voter: VoterSettings = VoterSettings()
+    learner: LearnerSettings = LearnerSettings()
+    auth: AuthSettings = AuthSettings()
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Map MMUPT_SECTION__FIELD=value to a nested dict; values are parsed as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another override")
+        node[path[-1]] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field (or environment variable {env})")
+        else:
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    """Load YAML (optional), then environment overrides, then explicit overrides; validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data, source = loaded, str(path)
+    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    data = _merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None

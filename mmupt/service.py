@@ -1,0 +1,127 @@
+"""What every service shares: an HTTP app with health and metrics, a stop signal, worker loops.
+
+A service is one process: HTTP (FastAPI on uvicorn) in a thread, its work loops in threads, and the
+main thread waiting for SIGTERM/SIGINT. On a signal it stops taking work, lets the loops finish what
+they hold, and exits within a bounded time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+
+from .streams import backoff_sleep
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=os.environ.get("MMUPT_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def consumer_name(service: str) -> str:
+    """Stable per instance (a Kubernetes pod keeps its hostname); pid keeps local processes apart."""
+    return os.environ.get("MMUPT_CONSUMER_NAME") or f"{service}-{socket.gethostname()}-{os.getpid()}"
+
+
+def base_app(title: str, ready: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(title=title)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        if ready():
+            return {"status": "ready"}
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    app.mount("/metrics", make_asgi_app())
+    return app
+
+
+class Service:
+    """Runs an HTTP app and worker loops until stopped; `stop` is the shared stop signal."""
+
+    def __init__(self, name: str, grace_s: float = 25.0):
+        self.name = name
+        self.stop = threading.Event()
+        self.grace_s = grace_s
+        self._threads: list[threading.Thread] = []
+        self._http: uvicorn.Server | None = None
+        self.failed: BaseException | None = None
+
+    def serve_http(self, app: FastAPI, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        self._http = uvicorn.Server(config)
+        self._spawn("http", self._http.run)
+
+    def loop(self, name: str, step: Callable[[], None]) -> None:
+        """Call `step` until stopped; errors are logged and retried with backoff and jitter."""
+
+        def run():
+            errors = 0
+            while not self.stop.is_set():
+                try:
+                    step()
+                    errors = 0
+                except Exception:  # keep serving: a reconnect or a bad entry must not end the service
+                    errors += 1
+                    log.exception("%s loop error (attempt %d)", name, errors)
+                    backoff_sleep(min(errors, 6))
+
+        self._spawn(name, run)
+
+    def task(self, name: str, job: Callable[[], None]) -> None:
+        """Run `job` once; when it returns (or fails) the service stops."""
+
+        def run():
+            try:
+                job()
+            finally:
+                self.stop.set()
+
+        self._spawn(name, run)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        def guarded():
+            try:
+                target()
+            except BaseException as exc:  # a thread that dies takes the service down, loudly
+                log.exception("%s thread died", name)
+                self.failed = exc
+                self.stop.set()
+
+        thread = threading.Thread(target=guarded, name=f"{self.name}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def run_until_stopped(self, on_stop: Callable[[], None] | None = None) -> int:
+        def handle(signum, _frame):
+            log.info("%s: signal %d, stopping", self.name, signum)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        while not self.stop.wait(0.5):
+            pass
+        if on_stop is not None:
+            on_stop()
+        if self._http is not None:
+            self._http.should_exit = True
+        deadline = time.monotonic() + self.grace_s
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        log.info("%s stopped", self.name)
+        return 1 if self.failed is not None else 0

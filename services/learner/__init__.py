@@ -1,0 +1,1 @@
+"""Learner: admits prompts, trains GRPO steps on scored groups, pushes weights."""

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the learner."""
+from prometheus_client import Counter, Gauge, Histogram
+
+VERSION = Gauge("mmupt_learner_policy_version", "Policy version (optimizer steps taken)")
+STEPS = Counter("mmupt_learner_steps_total", "Optimizer steps")
+ADMITTED = Counter("mmupt_learner_prompts_admitted_total", "Prompts admitted into the prompts stream")
+TRAINED = Counter("mmupt_learner_groups_trained_total", "Groups trained on")
+DROPPED_STALE = Counter("mmupt_learner_groups_dropped_stale_total", "Groups dropped as older than max_staleness")
+DUPLICATES = Counter("mmupt_learner_duplicate_groups_total", "Re-delivered groups recognised and not trained twice")
+DEADLETTERED = Counter("mmupt_learner_deadlettered_total", "Scored entries sent to the dead-letter stream")
+IN_FLIGHT = Gauge("mmupt_learner_groups_in_flight", "Admitted groups not yet trained or dropped")
+LOSS = Gauge("mmupt_learner_loss", "Loss of the last step", ["term"])
+STEP_STAT = Gauge("mmupt_learner_step_stat", "Statistics of the last step", ["stat"])
+REWARD = Gauge("mmupt_learner_mean_reward", "Mean reward of the last step's groups")
+TOKENS = Counter("mmupt_learner_tokens_total", "Response tokens trained on")
+VERSION_LAG = Histogram("mmupt_learner_version_lag", "Learner version minus a group's sampling version",
+                        buckets=[0, 1, 2, 3, 4, 6, 8, 16])
+STEP_SECONDS = Histogram("mmupt_learner_step_seconds", "Time of one optimizer step (forward+backward)",
+                         buckets=[0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300])
+WAIT_SECONDS = Counter("mmupt_learner_wait_seconds_total", "Time spent waiting for scored groups")
+PUSH_SECONDS = Histogram("mmupt_weight_push_seconds", "Time to push one version to all rollout servers",
+                         buckets=[0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300])
+PUSH_FAILURES = Counter("mmupt_weight_push_failures_total", "Weight pushes to one server that failed")
+PUSH_RETRIES = Counter("mmupt_weight_push_retries_total", "Weight push attempts retried")

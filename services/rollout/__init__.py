@@ -1,0 +1,1 @@
+"""Rollout: samples groups of answers at one policy version and serves weight sync."""

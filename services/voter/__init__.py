@@ -1,0 +1,1 @@
+"""Voter: extracts final answers, takes the majority vote of a group, assigns rewards."""
