@@ -82,6 +82,9 @@ class RolloutSettings(Section):
     max_prompt_tokens: int = Field(2048, gt=0)
     # Prompts generated together in one backend call (each yields a whole group).
     prompts_per_batch: int = Field(1, ge=1)
+    # vLLM backend only.
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     seed: int | None = None
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -93,6 +96,17 @@ class RolloutSettings(Section):
 
 class VoterSettings(Section):
     reward_mode: Literal["majority", "ground_truth"] = "majority"
+    # Answer equivalence: MathRuler's rules (paper parity), HuggingFace math-verify, or exact match.
+    grader: Literal["mathruler", "math_verify", "exact"] = "mathruler"
+    # Wall-clock bound on one symbolic comparison; a comparison that runs out counts as not equal.
+    compare_timeout_s: float = Field(1.0, gt=0)
+    tie_policy: Literal["earliest", "random", "drop"] = "earliest"
+    tie_seed: int = 0
+    # Below this share of the group in the majority class the group is dropped or gets all-zero rewards.
+    min_agreement: float = Field(0.0, ge=0, le=1)
+    below_min_agreement: Literal["drop", "zero"] = "drop"
+    # Final-answer forms besides the last \boxed{} (off by default, as upstream).
+    extra_answer_forms: list[Literal["answer_is", "answer_tag"]] = []
     host: str = "127.0.0.1"
     http_port: int = Field(8001, ge=0, le=65535)
     groups_per_read: int = Field(16, ge=1)
@@ -103,6 +117,12 @@ class LearnerSettings(Section):
     batch_groups: int = Field(4, ge=1)
     # Groups per forward/backward pass; gradients accumulate to batch_groups.
     micro_groups: int = Field(1, ge=1)
+    # Optimizer steps per rollout batch (the recipe: 512 prompts sampled, 4 steps of 128), one PPO epoch.
+    updates_per_batch: int = Field(1, ge=1)
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    # Skip groups whose rewards are all equal (zero advantage; only the KL term would act).
+    skip_zero_advantage: bool = False
+    freeze_vision: bool = False
     max_steps: int = Field(5, ge=0)
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -119,10 +139,18 @@ class LearnerSettings(Section):
     max_staleness: int = Field(2, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    offload_optimizer: bool = False   # ZeRO optimizer state in CPU memory
+    offload_params: bool = False      # ZeRO-3 parameters in CPU memory
     seed: int = 0
     host: str = "127.0.0.1"
     http_port: int = Field(8002, ge=0, le=65535)
     checkpoint_dir: str = "runs/checkpoints"
+    checkpoint_every: int = Field(0, ge=0)   # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    # How new weights reach the rollout servers: gRPC chunks, or a gloo/NCCL broadcast.
+    weight_sync: Literal["grpc", "collective"] = "grpc"
+    # Cast weights to this dtype on the wire (bfloat16 halves the bytes); None keeps the model's.
+    wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     push_timeout_s: float = Field(120.0, gt=0)
     # Chunk size of gRPC weight pushes (256 KiB measured fastest on loopback).
     push_chunk_bytes: int = Field(256 * 1024, gt=0)

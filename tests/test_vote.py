@@ -54,3 +54,15 @@ def test_monitoring_with_hidden_label_and_ground_truth_mode():
 def test_unanimous_flag():
     assert vote(["\\boxed{1}"] * 3, ExactGrader()).unanimous
     assert not vote(["\\boxed{1}", "\\boxed{1}", "x"], ExactGrader()).unanimous
+
+
+def test_multiple_choice_letter_and_text_are_one_class():
+    from mmupt.services.voter.vote import is_correct
+
+    options = ["3 cm", "5 cm", "7 cm"]
+    result = vote(["\\boxed{B}", "\\boxed{(B) 5 cm}", "\\boxed{5 cm}", "\\boxed{A}"], ExactGrader(), options=options,
+                  hidden_answer="5 cm")
+    assert result.pseudo_label == "B" and result.rewards == [1, 1, 1, 0] and result.label_correct
+    assert is_correct("so \\boxed{(C)}", "7 cm", ExactGrader(), options)
+    assert not is_correct("so \\boxed{A}", "7 cm", ExactGrader(), options)
+    assert is_correct("\\boxed{4}", "4", ExactGrader())

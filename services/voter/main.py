@@ -26,7 +26,7 @@ class Voter:
     def score(self, group: GroupMsg) -> ScoredMsg:
         started = time.perf_counter()
         result = vote([r.text for r in group.responses], self.grader, self.cfg.voter.reward_mode,
-                      group.hidden_answer)
+                      group.hidden_answer, group.options)
         metrics.LATENCY.observe(time.perf_counter() - started)
         metrics.observe(result)
         return ScoredMsg(group=group, vote=result)

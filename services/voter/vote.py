@@ -6,11 +6,38 @@ votes are counted over equivalence classes, not raw strings; a tie goes to the c
 from __future__ import annotations
 
 import math
+import re
 
 from mmupt.wire import Vote
 
 from .extract import extract_boxed
 from .grading import Grader
+
+
+_CHOICE = re.compile(r"^\(?([A-Z])\)?[.:]?(?:\s+.*)?$")
+
+
+def canonical_choice(answer: str | None, options: list[str], grader: Grader) -> str | None:
+    """With multiple-choice options, map `B`, `(B)`, `(B) 5 cm` and `5 cm` to the letter `B`."""
+    if answer is None or not options:
+        return answer
+    match = _CHOICE.match(answer.strip())
+    if match and ord(match.group(1)) - ord("A") < len(options):
+        return match.group(1)
+    for index, option in enumerate(options):
+        if grader.equal(answer, option):
+            return chr(ord("A") + index)
+    return answer
+
+
+def is_correct(response: str, gold: str, grader: Grader, options: list[str] | None = None) -> bool:
+    """Whether one response's final answer matches a known answer (evaluation, never training)."""
+    answer = extract_boxed(response)
+    if answer is None:
+        return False
+    if options:
+        return canonical_choice(answer, options, grader) == canonical_choice(gold, options, grader)
+    return grader.equal(answer, gold)
 
 
 def classify(answers: list[str | None], grader: Grader) -> list[int | None]:
@@ -31,8 +58,12 @@ def classify(answers: list[str | None], grader: Grader) -> list[int | None]:
     return out
 
 
-def vote(responses: list[str], grader: Grader, mode: str = "majority", hidden_answer: str | None = None) -> Vote:
-    answers = [extract_boxed(r) for r in responses]
+def vote(responses: list[str], grader: Grader, mode: str = "majority", hidden_answer: str | None = None,
+         options: list[str] | None = None) -> Vote:
+    """Vote one group. With `options` (multiple choice), a letter and its option text are one class."""
+    answers = [canonical_choice(extract_boxed(r), options or [], grader) for r in responses]
+    if options and hidden_answer is not None:
+        hidden_answer = canonical_choice(hidden_answer, options, grader)
     classes = classify(answers, grader)
     counts: dict[int, int] = {}
     for c in classes:
