@@ -173,8 +173,9 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
-def build_tiny(path: str | Path, seed: int = 0, vocab_size: int = 512, image_side: int = 112) -> Path:
-    """Build and save a tiny Qwen2.5-VL (~0.3M parameters) with an offline tokenizer and processor."""
+def build_tiny(path: str | Path, seed: int = 0, vocab_size: int = 512, image_side: int = 112,
+               hidden: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2) -> Path:
+    """Build and save a tiny Qwen2.5-VL (~0.2M parameters by default) with an offline tokenizer and processor."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -187,15 +188,19 @@ def build_tiny(path: str | Path, seed: int = 0, vocab_size: int = 512, image_sid
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                                     video_processor=Qwen2VLVideoProcessor(**pixels),
                                     tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    hidden, heads = 64, 4  # head_dim 16: mrope_section must sum to head_dim / 2
+    heads = 4
+    head_dim = hidden // heads  # mrope_section must sum to head_dim / 2
+    mrope = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
+    mrope.append(head_dim // 2 - sum(mrope))
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
                          max_position_embeddings=2048, bos_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                           fullatt_block_indexes=[1], window_size=56),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=2, out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1],
+                           window_size=56),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
@@ -204,7 +209,8 @@ def build_tiny(path: str | Path, seed: int = 0, vocab_size: int = 512, image_sid
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    recipe = {"seed": seed, "vocab_size": vocab_size, "hidden": hidden, "layers": 2, "vision_depth": 2,
+    recipe = {"seed": seed, "vocab_size": vocab_size, "hidden": hidden, "layers": layers,
+              "vision_hidden": vision_hidden, "vision_depth": vision_depth,
               "parameters": sum(p.numel() for p in model.parameters())}
     (path / TINY_MARKER).write_text(json.dumps(recipe, indent=2))
     log.info("built tiny Qwen2.5-VL (%d parameters) at %s", recipe["parameters"], path)
