@@ -137,16 +137,20 @@ def plot(latencies: list[float], hostile: list[float], bound: float, path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4))
     ms = [x * 1000 for x in latencies]
-    ax.hist(ms, bins=60, color="tab:blue", alpha=0.8, label=f"realistic groups (n={len(ms)})")
+    hostile_ms = [x * 1000 for x in hostile]
+    bins = np.logspace(np.log10(min(ms + hostile_ms)), np.log10(max(ms + hostile_ms + [bound * 1000])), 60)
+    ax.hist(ms, bins=bins, color="tab:blue", alpha=0.8, label=f"realistic groups (n={len(ms)})")
     if hostile:
-        ax.hist([x * 1000 for x in hostile], bins=20, color="tab:red", alpha=0.8,
-                label=f"with a hostile answer (n={len(hostile)})")
+        ax.hist(hostile_ms, bins=bins, color="tab:red", alpha=0.8, label=f"with a hostile answer (n={len(hostile)})")
     for q, style in ((0.5, "--"), (0.99, ":")):
         ax.axvline(percentile(latencies, q) * 1000, color="k", linestyle=style, label=f"p{int(q * 100)}")
     ax.axvline(bound * 1000, color="tab:red", linestyle="-", label="compare_timeout_s")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("latency per group of 10 (ms)")
     ax.set_ylabel("groups")
     ax.set_title("mmupt voter, one CPU core")

@@ -136,9 +136,9 @@ class MathRulerGrader(_SymbolicGrader):
     """
     name = "mathruler"
 
-    def start(self, wait: bool = False) -> None:
-        super().start(wait)
-        _mathruler_forms("\\frac{1}{2}")  # import MathRuler and its LaTeX parser now, not in the first group
+    def __init__(self, compare_timeout_s: float = 1.0):
+        super().__init__(compare_timeout_s)
+        _mathruler_forms("\\frac{1}{2}")  # import MathRuler and its LaTeX parser now, not in a group's budget
 
     def equal(self, answer: str, reference: str, budget: Budget | None = None) -> bool:
         if answer == reference:
