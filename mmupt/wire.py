@@ -122,6 +122,7 @@ class Vote(Message):
     # are all 0. It is still emitted so that the learner can count it (dropped_vote) and ack it.
     drop_reason: str | None = None
     compare_timeouts: int = 0          # symbolic comparisons that ran out of time (counted as not equal)
+    seconds: float = 0.0               # time the vote took (latency)
     # Monitoring only, present when a hidden answer rode along.
     label_correct: bool | None = None  # the pseudo-label equals the hidden answer
     reward_accuracy: float | None = None  # share of responses whose majority reward equals the true reward

@@ -62,10 +62,9 @@ class Voter:
         self.progress = Progress()
 
     def score(self, group: GroupMsg) -> ScoredMsg:
-        started = time.perf_counter()
         result = vote([r.text for r in group.responses], self.grader, self.cfg.voter.reward_mode,
                       group.hidden_answer, group.options, policy=self.policy, key=group.group_id)
-        metrics.observe(result, time.perf_counter() - started)
+        metrics.observe(result)
         self.progress.add(result)
         return ScoredMsg(group=group, vote=result)
 
@@ -93,12 +92,11 @@ def vote_app(settings: Settings, grader: Grader):
 
     @app.post("/v1/vote")
     async def post_vote(request: VoteRequest):
-        started = time.perf_counter()
         try:
             result = await run_in_threadpool(vote_request, request, grader, policy, mode)
         except ValueError as exc:  # e.g. ground_truth mode without an answer
             raise HTTPException(status_code=422, detail=str(exc)) from None
-        metrics.observe(result, time.perf_counter() - started)
+        metrics.observe(result)
         return record(request, result)
 
     return app

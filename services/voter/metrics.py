@@ -35,7 +35,7 @@ LATENCY = Histogram("mmupt_voter_group_seconds", "Time to vote one group", _MODE
                     buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5])
 
 
-def observe(vote, seconds: float) -> None:
+def observe(vote) -> None:
     mode = vote.reward_mode
     GROUPS.labels(mode).inc()
     RESPONSES.labels(mode).inc(len(vote.rewards))
@@ -48,7 +48,7 @@ def observe(vote, seconds: float) -> None:
     MAJORITY_RATIO.labels(mode).observe(vote.majority_ratio)
     NO_ANSWER_RATE.labels(mode).observe(vote.no_answer_rate)
     VOTE_ENTROPY.labels(mode).observe(vote.vote_entropy)
-    LATENCY.labels(mode).observe(seconds)
+    LATENCY.labels(mode).observe(vote.seconds)
     if vote.label_correct is not None:
         LABELLED.labels(mode).inc()
         LABEL_CORRECT.labels(mode).inc(int(vote.label_correct))

@@ -3,7 +3,7 @@
 Input: `{"id": ..., "responses": [str, ...], "answer": optional, "options": optional}`.
 Output: the input's `id` plus `majority` (string or null), `rewards`, `majority_ratio`, `answers`,
 `vote_entropy`, `no_answer_rate`, `unanimous`, `tied`, `dropped` and `drop_reason`,
-`compare_timeouts`, `reward_mode`, and with an `answer`: `label_correct`, `reward_accuracy`, `pass_at_n`.
+`compare_timeouts`, `reward_mode`, `seconds`, and with an `answer`: `label_correct`, `reward_accuracy`, `pass_at_n`.
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ def record(request: VoteRequest, result: Vote) -> dict[str, Any]:
         "no_answer_rate": result.no_answer_rate, "unanimous": result.unanimous, "tied": result.tied,
         "dropped": result.drop_reason is not None, "drop_reason": result.drop_reason,
         "compare_timeouts": result.compare_timeouts, "reward_mode": result.reward_mode,
+        "seconds": round(result.seconds, 6),
     }
     if request.answer is not None:
         out |= {"label_correct": result.label_correct, "reward_accuracy": result.reward_accuracy,

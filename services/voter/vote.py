@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -151,6 +152,7 @@ def vote(responses: list[str], grader: Grader, mode: str = "majority", hidden_an
         raise ValueError(f"unknown reward mode {mode!r}; choose one of {REWARD_MODES}")
     if mode == "ground_truth" and hidden_answer is None:
         raise ValueError("ground_truth reward mode needs the hidden answer")
+    started = time.perf_counter()
     policy = policy or VotePolicy()
     budget = grader.budget()
     answers = [extract_answer(r, policy.answer_forms) for r in responses]
@@ -195,5 +197,5 @@ def vote(responses: list[str], grader: Grader, mode: str = "majority", hidden_an
         unanimous=winner is not None and counts[winner] == n, reward_mode=mode, tied=tied,
         drop_reason=drop_reason, compare_timeouts=budget.timeouts, label_correct=label_correct,
         reward_accuracy=sum(m == t for m, t in zip(majority_rewards, true_rewards)) / n if labelled else None,
-        pass_at_n=any(true_rewards) if labelled else None,
+        pass_at_n=any(true_rewards) if labelled else None, seconds=time.perf_counter() - started,
     )
