@@ -122,7 +122,7 @@ class Learner:
                 self.streams.ack("scored", [entry.id], lambda p: p.hincrby(self.keys.state, "duplicates", 1))
                 continue
             if scored.vote.drop_reason is not None:  # the voter's policy says not to train it: count it
-                self.streams.ack("scored", [entry.id], lambda p, g=gid: self._finish(p, [g], "dropped_vote"))
+                self.streams.ack("scored", [entry.id], lambda p: self._finish(p, [gid], "dropped_vote"))
                 continue
             buffered.add(gid)
             self.buffer.append((entry, scored))

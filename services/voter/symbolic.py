@@ -137,9 +137,9 @@ class SymbolicPool:
         self._ensure()
 
     def compare(self, request: dict, timeout: float, full_timeout: float | None = None) -> bool | None:
-        """`full_timeout`: the per-comparison bound; a request that ran out of time having had at least
-        half of it is remembered as timing out, so a repeated hostile answer costs its time once, not
-        in every group."""
+        """`full_timeout`: the per-comparison bound; a request that kept the worker busy past its
+        deadline, having had at least half of that bound, is remembered as timing out, so a repeated
+        hostile answer costs its time once, not in every group."""
         key = json.dumps(request, separators=(",", ":"))
         cacheable = len(key) <= _CACHE_MAX_CHARS
         if cacheable:
@@ -153,8 +153,10 @@ class SymbolicPool:
         if timeout <= 0 or not self._lock.acquire(timeout=timeout):
             return None
         try:
+            kills = self.kills
             result = self._ask(request, deadline)
-            if cacheable and (result is not None or (full_timeout is not None and timeout >= full_timeout / 2)):
+            hostile = result is None and self.kills > kills and full_timeout is not None and timeout >= full_timeout / 2
+            if cacheable and (result is not None or hostile):
                 self._cache[key] = result
                 if len(self._cache) > _CACHE_SIZE:
                     self._cache.popitem(last=False)

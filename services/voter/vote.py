@@ -140,30 +140,48 @@ def _entropy(counts: Counter) -> float:
     return -sum((k / total) * math.log(k / total) for k in counts.values()) if total else 0.0
 
 
+def _canonical_choices(answers: list[str | None], hidden_answer: str | None, options: list[str], grader: Grader,
+                       budget: Budget) -> tuple[list[str | None], str | None]:
+    """Map each distinct answer, and the hidden answer, to its option letter where it names one."""
+    choices = {a: canonical_choice(a, options, grader, budget) for a in dict.fromkeys(answers) if a is not None}
+    answers = [choices[a] if a is not None else None for a in answers]
+    if hidden_answer is not None:
+        hidden_answer = canonical_choice(hidden_answer, options, grader, budget)
+    return answers, hidden_answer
+
+
+def _apply_policy(majority_rewards: list[float], majority_ratio: float, tied: bool,
+                  policy: VotePolicy) -> tuple[list[float], str | None]:
+    """The rewards the majority vote gives after the agreement and tie policies, and why it is dropped."""
+    n = len(majority_rewards)
+    if majority_ratio < policy.min_agreement:
+        return [0.0] * n, "min_agreement" if policy.below_min_agreement == "drop" else None
+    if tied and policy.tie_policy == "drop":
+        return [0.0] * n, "tie"
+    return majority_rewards, None
+
+
 def vote(responses: list[str], grader: Grader, mode: str = "majority", hidden_answer: str | None = None,
          options: list[str] | None = None, *, policy: VotePolicy | None = None, key: str = "") -> Vote:
     """Vote one group. With `options` (multiple choice), a letter and its option text are one class.
 
-    `hidden_answer` is read for rewards only in mode "ground_truth" (the supervised baseline); in
-    "majority" mode it only feeds the monitoring fields. `key` (the group id) seeds random tie-breaks.
-    Symbolic comparisons of the whole group share one budget of `grader.compare_timeout_s`.
+    `hidden_answer` is read for rewards only in mode "ground_truth" (the supervised baseline, where the
+    tie and agreement policies do not apply); in "majority" mode it only feeds the monitoring fields.
+    `key` (the group id) seeds random tie-breaks. Symbolic comparisons of the whole group share one
+    budget of `grader.compare_timeout_s`.
     """
     if mode not in REWARD_MODES:
         raise ValueError(f"unknown reward mode {mode!r}; choose one of {REWARD_MODES}")
     if mode == "ground_truth" and hidden_answer is None:
         raise ValueError("ground_truth reward mode needs the hidden answer")
+    if not responses:
+        raise ValueError("a group needs at least one response")
     started = time.perf_counter()
     policy = policy or VotePolicy()
     budget = grader.budget()
     answers = [extract_answer(r, policy.answer_forms) for r in responses]
     if options:
-        choices: dict[str, str | None] = {}
-        for a in answers:
-            if a is not None and a not in choices:
-                choices[a] = canonical_choice(a, options, grader, budget)
-        answers = [choices[a] if a is not None else None for a in answers]
-        if hidden_answer is not None:
-            hidden_answer = canonical_choice(hidden_answer, options, grader, budget)
+        answers, hidden_answer = _canonical_choices(answers, hidden_answer, options, grader, budget)
     classes, representatives = classify(answers, grader, budget)
     counts = Counter(c for c in classes if c is not None)
     winner, tied = pick_winner(counts, representatives, policy, key)
@@ -172,30 +190,25 @@ def vote(responses: list[str], grader: Grader, mode: str = "majority", hidden_an
     majority_ratio = counts[winner] / n if winner is not None else 0.0
     majority_rewards = [1.0 if c is not None and c == winner else 0.0 for c in classes]
 
-    true_rewards = None
-    if hidden_answer is not None:
-        verdicts = {a: grader.equal(a, hidden_answer, budget) for a in set(answers) if a is not None}
-        true_rewards = [1.0 if a is not None and verdicts[a] else 0.0 for a in answers]
-
-    drop_reason = None
     if mode == "ground_truth":
-        rewards = true_rewards
-    elif majority_ratio < policy.min_agreement:
-        rewards = [0.0] * n
-        drop_reason = "min_agreement" if policy.below_min_agreement == "drop" else None
-    elif tied and policy.tie_policy == "drop":
-        rewards, drop_reason = [0.0] * n, "tie"
-        pseudo_label = None  # a tie has no majority (and "earliest" would depend on sample order)
+        rewards, drop_reason = None, None  # set from the labels below
     else:
-        rewards = majority_rewards
+        rewards, drop_reason = _apply_policy(majority_rewards, majority_ratio, tied, policy)
+        if drop_reason == "tie":
+            pseudo_label = None  # a tie has no majority (and "earliest" would depend on sample order)
 
-    labelled = hidden_answer is not None
-    label_correct = pseudo_label is not None and grader.equal(pseudo_label, hidden_answer, budget) if labelled else None
+    monitoring = {}
+    if hidden_answer is not None:
+        verdicts = {a: grader.equal(a, hidden_answer, budget) for a in dict.fromkeys(answers) if a is not None}
+        true_rewards = [1.0 if a is not None and verdicts[a] else 0.0 for a in answers]
+        rewards = true_rewards if mode == "ground_truth" else rewards
+        monitoring = dict(label_correct=pseudo_label is not None and verdicts[pseudo_label],
+                          reward_accuracy=sum(m == t for m, t in zip(majority_rewards, true_rewards)) / n,
+                          pass_at_n=any(true_rewards))
     return Vote(
         rewards=rewards, answers=answers, pseudo_label=pseudo_label, majority_ratio=majority_ratio,
-        vote_entropy=_entropy(counts), no_answer_rate=(n - sum(counts.values())) / n if n else 0.0,
+        vote_entropy=_entropy(counts), no_answer_rate=(n - sum(counts.values())) / n,
         unanimous=winner is not None and counts[winner] == n, reward_mode=mode, tied=tied,
-        drop_reason=drop_reason, compare_timeouts=budget.timeouts, label_correct=label_correct,
-        reward_accuracy=sum(m == t for m, t in zip(majority_rewards, true_rewards)) / n if labelled else None,
-        pass_at_n=any(true_rewards) if labelled else None, seconds=time.perf_counter() - started,
+        drop_reason=drop_reason, compare_timeouts=budget.timeouts, seconds=time.perf_counter() - started,
+        **monitoring,
     )
