@@ -1,11 +1,12 @@
-"""Extraction and majority vote (skeleton semantics; the voter issue adds graders and options)."""
+"""Extraction, the majority vote and its policies, multiple choice (with the exact grader unless noted)."""
 import math
+import random
 
 import pytest
 
-from mmupt.services.voter.extract import extract_boxed
+from mmupt.services.voter.extract import extract_answer, extract_boxed
 from mmupt.services.voter.grading import ExactGrader
-from mmupt.services.voter.vote import vote
+from mmupt.services.voter.vote import VotePolicy, vote
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -69,9 +70,6 @@ def test_multiple_choice_letter_and_text_are_one_class():
 
 
 # ---- extraction forms ------------------------------------------------------------------------------
-from mmupt.services.voter.extract import extract_answer  # noqa: E402
-from mmupt.services.voter.vote import VotePolicy  # noqa: E402
-
 
 @pytest.mark.parametrize("text,forms,expected", [
     ("The answer is 5.", (), None),                                    # off by default, as upstream
@@ -170,8 +168,6 @@ def test_policy_from_settings():
 
 def test_votes_and_rewards_always_agree():
     """Over many random groups: reward 1 exactly for the winning class, whose share is majority_ratio."""
-    import random
-
     rng = random.Random(0)
     forms = ["\\boxed{3}", "\\boxed{ 3 }", "\\boxed{\\text{3}}", "\\boxed{4}", "\\boxed{5}", "none", "\\boxed{6"]
     for _ in range(300):
@@ -204,6 +200,7 @@ def test_multiple_choice_edge_cases():
     assert canonical_choice("D", ["1", "2", "3"], g) == "D"           # no such option: stays an answer of its own
     assert canonical_choice("Both", ["a", "b"], g) == "Both"           # a word, not the letter B
     assert canonical_choice("9 cm", ["(A) 3 cm", "(B) 9 cm"], g) == "B"  # options that carry their own letters
+    assert canonical_choice("x=3", ["x = B: 3", "x=3"], g) == "B"         # only a leading letter is a label
     assert canonical_choice("c", ["$a$", "$b$", "$c$"], g) == "C"      # MATH-V style option texts
     assert canonical_choice("C", ["A", "B", "C", "D", "E"], g) == "C"  # MATH-V style letter-only options
     assert canonical_choice(None, ["A"], g) is None

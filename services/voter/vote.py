@@ -61,7 +61,7 @@ class VotePolicy:
 # `B`, `(B)`, `B.`, `B)`, `B: 5 cm`, `(B) 5 cm`, `Option B`: a capital letter, alone or leading.
 _CHOICE = re.compile(r"(?i:option\s*)?\(?([A-Z])\)?(?:[.:)]\s*.*|\s+.*)?", re.DOTALL)
 _WRAPPED = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{(.*)\}", re.DOTALL)
-_LETTER_PREFIX = re.compile(r"\(?[A-Z][.:)]\s*|\([A-Z]\)\s*")
+_LETTER_PREFIX = re.compile(r"^\(?[A-Z][.:)]\s*")  # "(A) ", "A. ", "A: " at the start of an option
 
 
 def _unwrap(answer: str) -> str:
