@@ -128,7 +128,7 @@ def test_mmupt_vote_command(tmp_path, capsys):
         {"id": 1, "responses": ["\\boxed{4}", "\\boxed{4.0}", "\\boxed{5}"], "answer": "4"},
         {"id": "mc", "responses": ["\\boxed{C}", "\\boxed{7 cm}", "nothing"], "options": ["3 cm", "5 cm", "7 cm"],
          "answer": "A"},
-        {"id": "free", "responses": ["\\boxed{\\sqrt{8}}", "\\boxed{2\\sqrt{2}}"]},
+        {"id": "free", "responses": ["\\boxed{\\sqrt{8}}", "\\boxed{2\\sqrt{2}}"], "problem": "Simplify."},
     ]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n" + json.dumps({"id": 9}) + "\n\n")
@@ -141,6 +141,7 @@ def test_mmupt_vote_command(tmp_path, capsys):
     assert out[0]["majority"] == "4" and out[0]["rewards"] == [1, 1, 0] and out[0]["label_correct"] is True
     assert out[1]["majority"] == "C" and out[1]["rewards"] == [1, 1, 0] and out[1]["label_correct"] is False
     assert out[2]["majority_ratio"] == 1.0 and "label_correct" not in out[2]
+    assert out[2]["problem"] == "Simplify." and out[2]["responses"] == lines[2]["responses"]  # the input rides along
     assert out[3]["line"] == 4 and "error" in out[3] and "responses" in out[4]["error"]
     assert summary["groups"] == 3 and summary["errors"] == 2 and summary["error_lines"] == [4, 5]
     assert summary["labelled_groups"] == 2 and summary["maj_accuracy"] == 0.5

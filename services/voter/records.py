@@ -1,9 +1,10 @@
 """The JSON form of a vote: `mmupt vote` lines and `POST /v1/vote` share it.
 
 Input: `{"id": ..., "responses": [str, ...], "answer": optional, "options": optional}`.
-Output: the input's `id` plus `majority` (string or null), `rewards`, `majority_ratio`, `answers`,
-`vote_entropy`, `no_answer_rate`, `unanimous`, `tied`, `dropped` and `drop_reason`,
-`compare_timeouts`, `reward_mode`, `seconds`, and with an `answer`: `label_correct`, `reward_accuracy`, `pass_at_n`.
+Output (`mmupt vote`: added to the input line; `POST /v1/vote`: on their own): `id`, `majority`
+(string or null), `rewards`, `majority_ratio`, `answers`, `vote_entropy`, `no_answer_rate`,
+`unanimous`, `tied`, `dropped` and `drop_reason`, `compare_timeouts`, `reward_mode`, `seconds`, and
+with an `answer`: `label_correct`, `reward_accuracy`, `pass_at_n`.
 """
 from __future__ import annotations
 
@@ -122,8 +123,9 @@ def _count_lines(path: Path) -> int:
 
 def vote_file(input_path: str | Path, output_path: str | Path, grader: Grader, policy: VotePolicy,
               mode: str = "majority", progress: bool = True) -> Summary:
-    """Vote every line of a JSONL file into another. A bad line loses nothing: its output line holds
-    `id` (when readable), `line` and `error`, and it is counted in the summary."""
+    """Vote every line of a JSONL file into another: each output line is its input line plus the
+    vote's fields. A bad line loses nothing: its output line holds `id` (when readable), `line` and
+    `error`, and it is counted in the summary."""
     from tqdm import tqdm
 
     input_path, output_path = Path(input_path), Path(output_path)
@@ -138,9 +140,12 @@ def vote_file(input_path: str | Path, output_path: str | Path, grader: Grader, p
             raw: Any = None
             try:
                 raw = json.loads(line)
-                request = VoteRequest.model_validate(raw)
+                if not isinstance(raw, dict):
+                    raise ValueError(f"a line must hold a JSON object, not {type(raw).__name__}")
+                # Other fields (problem, images, ...) ride along untouched into the output line.
+                request = VoteRequest.model_validate({k: v for k, v in raw.items() if k in VoteRequest.model_fields})
                 result = vote_request(request, grader, policy, mode)
-                out = record(request, result)
+                out = raw | record(request, result)
                 summary.add(result)
             except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
                 summary.errors += 1
