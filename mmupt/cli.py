@@ -64,6 +64,20 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def cmd_vote(args) -> int:
+    from .services.voter.main import vote_file_command
+
+    overrides = {"voter": {"grader": args.grader}} if args.grader else None
+    settings = load_settings(args.config, overrides=overrides)
+    try:
+        summary = vote_file_command(settings, args.input, args.output, progress=not args.quiet)
+    except OSError as exc:
+        print(f"mmupt vote: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["errors"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmupt", description="Label-free post-training of multimodal LLMs (MM-UPT).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run {text} alone against redis_url / MMUPT_REDIS_URL")
         p.add_argument("--config", default=DEFAULT_CONFIG)
         p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("vote", help="majority-vote groups of responses offline (JSONL in, JSONL out)")
+    p.add_argument("--input", required=True, help='JSONL: {"id", "responses": [...], "answer"?, "options"?} a line')
+    p.add_argument("--output", required=True, help="JSONL: each input line plus majority, rewards, majority_ratio ...")
+    p.add_argument("--grader", choices=["mathruler", "math_verify", "exact"], default=None,
+                   help="answer equivalence (overrides voter.grader; default mathruler)")
+    p.add_argument("--config", default=None, help="YAML whose voter section sets tie policy, min agreement ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_vote)
 
     p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a folder")
     p.add_argument("--out", required=True)

@@ -98,8 +98,12 @@ class VoterSettings(Section):
     reward_mode: Literal["majority", "ground_truth"] = "majority"
     # Answer equivalence: MathRuler's rules (paper parity), HuggingFace math-verify, or exact match.
     grader: Literal["mathruler", "math_verify", "exact"] = "mathruler"
-    # Wall-clock bound on one symbolic comparison; a comparison that runs out counts as not equal.
+    # Wall-clock bound on symbolic comparison (sympy, run in a killable worker process): on any one
+    # comparison and on all of one group's together, so no group waits longer. A comparison that runs
+    # out counts as not equal and is counted (mmupt_voter_compare_timeouts_total).
     compare_timeout_s: float = Field(1.0, gt=0)
+    # A tie between the top classes: the class seen first wins (upstream), a seeded draw per group, or
+    # the group is dropped (emitted with drop_reason "tie", counted by the learner, not trained).
     tie_policy: Literal["earliest", "random", "drop"] = "earliest"
     tie_seed: int = 0
     # Below this share of the group in the majority class the group is dropped or gets all-zero rewards.

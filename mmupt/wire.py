@@ -116,10 +116,17 @@ class Vote(Message):
     vote_entropy: float
     no_answer_rate: float
     unanimous: bool                    # every response agrees: zero advantage
-    reward_mode: str
+    reward_mode: str                   # "majority" (label-free) or "ground_truth" (supervised baseline)
+    tied: bool = False                 # the top classes had equal votes (resolved by voter.tie_policy)
+    # Set when the voter's policy says not to train this group ("tie", "min_agreement"); its rewards
+    # are all 0. It is still emitted so that the learner can count it (dropped_vote) and ack it.
+    drop_reason: str | None = None
+    compare_timeouts: int = 0          # symbolic comparisons that ran out of time (counted as not equal)
+    seconds: float = 0.0               # time the vote took (latency)
     # Monitoring only, present when a hidden answer rode along.
-    label_correct: bool | None = None
-    reward_accuracy: float | None = None
+    label_correct: bool | None = None  # the pseudo-label equals the hidden answer
+    reward_accuracy: float | None = None  # share of responses whose majority reward equals the true reward
+    pass_at_n: bool | None = None      # at least one response is correct
 
 
 class ScoredMsg(Message):

@@ -1,7 +1,8 @@
 """The learner service: admits prompts, trains on scored groups, pushes weights, checkpoints.
 
 Accounting (kept in the run's `state` hash, updated in the same transactions as the stream acks):
-admitted = trained + dropped_stale + deadlettered + in flight, where in flight is the `inflight` hash.
+admitted = trained + dropped_stale + dropped_vote + deadlettered + in flight, where in flight is the
+`inflight` hash; dropped_vote counts groups the voter's policy marked not to train (tie, min agreement).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .engine import PolicyEngine
 from .weight_push import WeightPusher
 
 log = logging.getLogger(__name__)
-COUNTERS = ("admitted", "trained", "dropped_stale", "duplicates", "deadlettered")
+COUNTERS = ("admitted", "trained", "dropped_stale", "dropped_vote", "duplicates", "deadlettered")
 
 
 class Learner:
@@ -119,6 +120,9 @@ class Learner:
             if gid in buffered or not self.streams.r.hexists(self.keys.inflight, gid):
                 metrics.DUPLICATES.inc()  # re-delivered, or already trained/dropped
                 self.streams.ack("scored", [entry.id], lambda p: p.hincrby(self.keys.state, "duplicates", 1))
+                continue
+            if scored.vote.drop_reason is not None:  # the voter's policy says not to train it: count it
+                self.streams.ack("scored", [entry.id], lambda p: self._finish(p, [gid], "dropped_vote"))
                 continue
             buffered.add(gid)
             self.buffer.append((entry, scored))
