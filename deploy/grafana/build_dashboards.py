@@ -68,7 +68,9 @@ OVERVIEW = [
     Panel("Policy versions", [("max(mmupt_learner_policy_version)", "learner"),
                               ("mmupt_rollout_policy_version", "rollout {{instance}}")],
           description="The learner's version and the version each rollout server serves."),
-    Panel("Version lag", [("scalar(max(mmupt_learner_policy_version)) - mmupt_rollout_policy_version",
+    # Clamped at 0: the learner and a rollout server are scraped at different instants, so right
+    # after a push the server can look a version ahead.
+    Panel("Version lag", [("clamp_min(scalar(max(mmupt_learner_policy_version)) - mmupt_rollout_policy_version, 0)",
                            "served lag {{instance}}"),
                           (mean("mmupt_learner_version_lag"), "mean lag of trained groups")],
           description="How far rollouts trail the learner. Groups older than max_staleness are dropped."),
