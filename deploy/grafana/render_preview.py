@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,12 @@ from pathlib import Path
 import httpx
 import yaml
 
+from mmupt.embedded_redis import free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SCRAPE_S = 2
 RATE_INTERVAL = f"{4 * SCRAPE_S}s"  # what Grafana's $__rate_interval becomes at this scrape interval
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
