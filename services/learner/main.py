@@ -11,6 +11,7 @@ import random
 import time
 from pathlib import Path
 
+from mmupt import stream_metrics
 from mmupt.auth import require_token
 from mmupt.config import Settings
 from mmupt.data import Item, load_jsonl
@@ -244,6 +245,7 @@ def run(settings: Settings) -> int:
     service = Service("learner")
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
+    stream_metrics.register(streams)
     items = load_jsonl(settings.data.train)
     processor = load_processor(settings.model)
     engine = PolicyEngine(settings.model, settings.learner, settings.rollout.temperature)
