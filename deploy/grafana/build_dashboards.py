@@ -117,7 +117,8 @@ VOTER = [
     Panel("Vote entropy (nats)", [(mean("mmupt_voter_vote_entropy"), "mean")], "short",
           "Entropy of a group's answer classes; falling towards 0 means less diversity."),
     Panel("No-answer rate", [(f"{per_second('mmupt_voter_no_answer_total')} / "
-                              f"{per_second('mmupt_voter_responses_total')}", "responses without \\boxed{}")],
+                              f"{per_second('mmupt_voter_responses_total')}", "responses without \\boxed{}"),
+                             (mean("mmupt_voter_no_answer_rate"), "mean per group")],
           "percentunit", "Responses without an extractable final answer get reward 0."),
     Panel("Unanimous groups", [(f"{per_second('mmupt_voter_unanimous_groups_total')} / "
                                 f"{per_second('mmupt_voter_groups_total')}", "unanimous share")],
@@ -125,6 +126,20 @@ VOTER = [
     Panel("Label accuracy (monitoring)", [(f"{per_second('mmupt_voter_label_correct_total')} / "
                                            f"{per_second('mmupt_voter_labelled_groups_total')}", "majority == label")],
           "percentunit", "Only where a hidden label rides along; never used for rewards in majority mode."),
+    Panel("Reward accuracy and pass@N (monitoring)",
+          [(f"{per_second('mmupt_voter_reward_agree_total')} / {per_second('mmupt_voter_labelled_responses_total')}",
+            "pseudo reward == true reward"),
+           (f"{per_second('mmupt_voter_pass_at_n_total')} / {per_second('mmupt_voter_labelled_groups_total')}",
+            "pass@N (some response right)")],
+          "percentunit", "TTRL-style monitoring where a hidden label rides along. pass@N falling: diversity collapse."),
+    Panel("Ties and dropped groups", [(f"{per_second('mmupt_voter_tied_groups_total')} / "
+                                       f"{per_second('mmupt_voter_groups_total')}", "tied share"),
+                                      (per_second("mmupt_voter_dropped_groups_total", "reason"), "dropped/s {{reason}}")],
+          description="Groups whose top classes tie, and groups the vote policy drops (tie policy, min agreement)."),
+    Panel("Symbolic comparisons out of time", [(per_second("mmupt_voter_compare_timeouts_total"), "timeouts/s")],
+          "ops", "Comparisons cut off by voter.compare_timeout_s (counted as not equal): hostile or huge answers."),
+    stat("Voter configuration", 'count by (reward_mode, grader, tie_policy) (mmupt_voter_info)',
+         description="reward_mode, grader and tie policy of the running voters (legend)."),
     Panel("Groups voted/s", [(per_second("mmupt_voter_groups_total", "reward_mode"), "{{reward_mode}}"),
                              (per_second("mmupt_voter_responses_total"), "responses")], "ops"),
     Panel("Time to vote one group", quantiles("mmupt_voter_group_seconds"), "s"),

@@ -129,6 +129,7 @@ def run(settings: Settings) -> int:
     for grader in (voter.grader, http_grader):
         grader.start(wait=True)  # the symbolic workers import sympy now, not within the first group's budget
     metrics.INFO.labels(vc.reward_mode, vc.grader, vc.tie_policy).set(1)
+    metrics.initialise(vc.reward_mode)
     service.serve_http(vote_app(settings, http_grader), vc.host, vc.http_port)
     service.loop("vote", lambda: voter.step(service.stop))
     log.info("voter %s consuming %s (grader %s, reward mode %s, tie policy %s, min agreement %.2f)",

@@ -35,6 +35,19 @@ LATENCY = Histogram("mmupt_voter_group_seconds", "Time to vote one group", _MODE
                     buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5])
 
 
+DROP_REASONS = ("tie", "min_agreement")
+
+
+def initialise(reward_mode: str) -> None:
+    """Export every series of this voter's mode at zero from the start, so dashboards and alerts
+    see them before the first tie, drop or label (Prometheus practice for labelled metrics)."""
+    for metric in (GROUPS, RESPONSES, NO_ANSWER, UNANIMOUS, TIED, COMPARE_TIMEOUTS, LABELLED, LABEL_CORRECT,
+                   PASS_AT_N, LABELLED_RESPONSES, REWARD_AGREE):
+        metric.labels(reward_mode)
+    for reason in DROP_REASONS:
+        DROPPED.labels(reward_mode, reason)
+
+
 def observe(vote) -> None:
     mode = vote.reward_mode
     GROUPS.labels(mode).inc()
