@@ -176,7 +176,8 @@ class DeploymentSettings(Section):
     # DeepSpeed data-parallel ranks of the learner, one GPU each.
     learner_ranks: int = Field(1, ge=1)
     voters: int = Field(1, ge=1)
-    # Memory of one GPU and of one learner host, for the plan's fit check.
+    gpus_per_node: int = Field(8, ge=1)
+    # Memory of one GPU and of one node's host RAM, for the plan's fit check.
     gpu_memory_gib: float = Field(80.0, gt=0)
     host_memory_gib: float = Field(512.0, gt=0)
 
