@@ -58,6 +58,14 @@ class Architecture:
     vision_depth: int
     vision_hidden_size: int
     vision_intermediate_size: int
+    tied_embeddings: bool
+
+    @property
+    def language_matmul_params(self) -> int:
+        """Language weights used in matrix products per token: all but the input embedding table
+        (which, when tied, is also the output projection and so is counted once)."""
+        embedding = self.vocab_size * self.hidden_size
+        return self.language_params - (0 if self.tied_embeddings else embedding)
 
     @property
     def language_params(self) -> int:
@@ -101,7 +109,8 @@ def describe(config, name: str, source: str) -> Architecture:
         layers=text.num_hidden_layers, heads=heads, kv_heads=text.num_key_value_heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vision_depth=config.vision_config.depth, vision_hidden_size=config.vision_config.hidden_size,
-        vision_intermediate_size=config.vision_config.intermediate_size)
+        vision_intermediate_size=config.vision_config.intermediate_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)))
 
 
 def size_from_name(folder: str) -> str | None:
