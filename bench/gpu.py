@@ -329,7 +329,6 @@ def start_rollout(args, folder: Path, redis_url: str, token: str, scratch: Path)
 
 def part_grpc_push(args) -> dict:
     import httpx
-    import torch
 
     from mmupt.config import LearnerSettings
     from mmupt.embedded_redis import EmbeddedRedis
