@@ -55,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/bench-gpu", help="folder for gpu.json and gpu.png")
     ap.add_argument("--workdir", default=".cache/bench-gpu", help="where random model folders are kept and reused")
     ap.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
-    ap.add_argument("--sequences", type=int, default=2, help="sequences per learner micro-batch")
+    ap.add_argument("--sequences", type=int, default=1, help="sequences per learner micro-batch")
     ap.add_argument("--response-tokens", type=int, default=512, help="response tokens per learner sequence")
     ap.add_argument("--image-side", type=int, default=512,
                     help="image side in pixels (512: 361 image tokens after Qwen's resize; tiny: 112)")
@@ -212,18 +212,23 @@ def peak_flops(args, device_name: str) -> float | None:
     return None
 
 
-def learner_estimate(args, arch, gpu_gib: float) -> tuple[float, str]:
-    """The plan's model-state estimate for this one-GPU set-up (GiB) and its verdict."""
+def learner_estimate(args, arch, batch, gpu_gib: float) -> tuple[float, str]:
+    """The plan's estimate (GiB) of model states plus this micro-batch's activations on one GPU."""
     from mmupt.config import Settings
-    from mmupt.plan import model_state_terms
+    from mmupt.plan import activation_model, model_state_terms
 
+    precision = "bf16" if args.device == "cuda" else "fp32"
     settings = Settings.model_validate({
         "model": {"dtype": "bfloat16" if args.device == "cuda" else "float32", "device": args.device},
-        "learner": {"zero_stage": args.zero_stage, "precision": "bf16" if args.device == "cuda" else "fp32"},
+        "learner": {"zero_stage": args.zero_stage, "precision": precision},
         "deployment": {"learner_ranks": 1, "gpu_memory_gib": gpu_gib}})
     gpu_terms, _ = model_state_terms(arch, settings)
     states = sum(t.nbytes for t in gpu_terms) / GiB
-    return states, f"model states {states:.1f} GiB of {gpu_gib:.0f} GiB (plan estimate)"
+    act = activation_model(arch, precision)
+    patches = int(batch.image_grid_thw.prod(dim=1).sum())
+    activations = (batch.input_ids.numel() * act.per_token + patches * act.per_patch) / GiB
+    return states + activations, (f"model states {states:.1f} GiB + activations {activations:.1f} GiB of "
+                                  f"{gpu_gib:.0f} GiB (plan estimate)")
 
 
 def part_learner(args) -> dict:
@@ -233,21 +238,24 @@ def part_learner(args) -> dict:
     from mmupt.config import LearnerSettings
     from mmupt.model import load_processor
 
+    from transformers import AutoConfig
+
     folder = model_folder(args)
     arch = find_architecture(folder)
+    settings = model_settings(args, folder)
+    batch = synthetic_batch(args, load_processor(settings), AutoConfig.from_pretrained(folder))
     name, gpu_gib = device_info(args.device)
-    states, verdict = learner_estimate(args, arch, gpu_gib)
+    needed, verdict = learner_estimate(args, arch, batch, gpu_gib)
     log(f"learner {args.size}: {verdict}")
-    if args.device == "cuda" and states > 0.95 * gpu_gib and not args.force:
-        return {"skipped": f"{verdict}: does not fit one GPU (needs offload or more ranks; --force tries anyway)"}
+    if args.device == "cuda" and needed > 0.95 * gpu_gib and not args.force:
+        return {"skipped": f"{verdict}: does not fit one GPU (fewer --sequences or --response-tokens, or more "
+                           "ranks/offload; --force tries anyway)"}
     from mmupt.services.learner.engine import PolicyEngine
 
-    settings = model_settings(args, folder)
     precision = "bf16" if args.device == "cuda" else "fp32"
     cfg = LearnerSettings(batch_groups=1, micro_groups=1, zero_stage=args.zero_stage, precision=precision,
                           lr=1e-6, kl_coef=0.01)
     engine = PolicyEngine(settings, cfg, temperature=0.7)
-    batch = synthetic_batch(args, load_processor(settings), engine.module.config)
     engine.train_step([batch])  # warm-up: allocator, kernels, DeepSpeed buffers
     synchronize(args.device)
     seconds = []
@@ -266,7 +274,7 @@ def part_learner(args) -> dict:
               "response_tokens": int(batch.mask.sum()), "step_seconds": per_step,
               "tokens_per_s": tokens / per_step, "response_tokens_per_s": float(batch.mask.sum()) / per_step,
               "model_tflops_per_s": flops / per_step / 1e12, "mfu": flops / per_step / peak if peak else None,
-              "estimated_states_gib": states, "loss": stats["loss"]}
+              "estimated_gib": needed, "loss": stats["loss"]}
     if args.device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / GiB
     return result
@@ -443,9 +451,9 @@ def run_part(args, part: str, size: str) -> dict:
             proc = subprocess.run(argv, env=env, timeout=args.part_timeout)
         except subprocess.TimeoutExpired:
             return {"failed": f"timed out after {args.part_timeout:.0f}s"}
-        if proc.returncode != 0 or not result.is_file():
-            return {"failed": f"exit code {proc.returncode} (see the output above)"}
-        out = json.loads(result.read_text())
+        out = json.loads(result.read_text()) if result.is_file() else {}
+        if proc.returncode != 0:
+            return {"failed": out.get("failed") or f"exit code {proc.returncode} (see the output above)"}
         out["wall_seconds"] = time.perf_counter() - started
         return out
 
@@ -499,7 +507,11 @@ def main(argv=None) -> int:
     if args.part:
         runner = {"learner": part_learner, "generate": part_generate, "grpc_push": part_grpc_push,
                   "broadcast": part_broadcast}[args.part]
-        Path(args.result).write_text(json.dumps(runner(args)))
+        try:
+            Path(args.result).write_text(json.dumps(runner(args)))
+        except Exception as exc:  # the summary names the reason; the traceback is printed above it
+            Path(args.result).write_text(json.dumps({"failed": f"{type(exc).__name__}: {exc}"[:600]}))
+            raise
         return 0
     import torch
 

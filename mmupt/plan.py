@@ -330,22 +330,25 @@ class Activations:
     per_token: float          # all decoder layers + logits, no checkpointing
     per_token_ckpt: float     # decoder layer inputs + logits, with checkpointing
     layer_per_token: float    # one decoder layer (recomputed one at a time with checkpointing)
-    per_image: float          # the vision tower for one max_pixels image, no checkpointing
-    per_image_ckpt: float     # vision block inputs only
-    block_per_image: float    # one vision block (recomputed one at a time)
+    per_patch: float          # the whole vision tower, per 14x14 patch, no checkpointing
+    per_patch_ckpt: float     # vision block inputs only
+    block_per_patch: float    # one vision block (recomputed one at a time)
 
 
-def activation_model(arch: Architecture, settings: Settings) -> Activations:
-    w = 2 if settings.learner.precision == "bf16" else 4
+def activation_model(arch: Architecture, precision: str) -> Activations:
+    w = 2 if precision == "bf16" else 4
     h, i = arch.hidden_size, arch.intermediate_size
     layer = w * (17 * h + 4 * i)                             # 34h + 8i bytes in bf16
     logits = w * arch.vocab_size + 3 * 4 * arch.vocab_size   # logits, fp32 copy, scaled copy, log-softmax
-    patches = 4 * (settings.model.max_pixels // (28 * 28))   # 4 patches of 14x14 per merged 28x28 token
-    block = patches * w * (17 * arch.vision_hidden_size + 4 * arch.vision_intermediate_size)
+    block = w * (17 * arch.vision_hidden_size + 4 * arch.vision_intermediate_size)
     return Activations(per_token=arch.layers * layer + logits, per_token_ckpt=arch.layers * w * h + logits,
-                       layer_per_token=layer, per_image=arch.vision_depth * block,
-                       per_image_ckpt=patches * arch.vision_depth * w * arch.vision_hidden_size,
-                       block_per_image=block)
+                       layer_per_token=layer, per_patch=arch.vision_depth * block,
+                       per_patch_ckpt=arch.vision_depth * w * arch.vision_hidden_size, block_per_patch=block)
+
+
+def image_patches(max_pixels: int) -> int:
+    """14x14 patches of an image of max_pixels: 4 per merged 28x28 image token."""
+    return 4 * (max_pixels // (28 * 28))
 
 
 def learner_memory_section(plan: Plan, arch: Architecture, settings: Settings) -> None:
@@ -353,21 +356,23 @@ def learner_memory_section(plan: Plan, arch: Architecture, settings: Settings) -
     gpu_terms, host_terms = model_state_terms(arch, settings)
     states = sum(term.nbytes for term in gpu_terms)
     capacity = (dep.gpu_memory_gib if on_gpu(settings) else dep.host_memory_gib) * GiB
-    act = activation_model(arch, settings)
+    act = activation_model(arch, lc.precision)
     seq_len = ro.max_prompt_tokens + ro.max_new_tokens
     seqs = lc.micro_groups * ro.group_size
-    per_seq = seq_len * act.per_token + IMAGES_PER_PROMPT * act.per_image
-    per_seq_ckpt = seq_len * act.per_token_ckpt + IMAGES_PER_PROMPT * act.per_image_ckpt
+    patches = IMAGES_PER_PROMPT * image_patches(settings.model.max_pixels)
+    per_image = patches * act.per_patch / IMAGES_PER_PROMPT
+    per_seq = seq_len * act.per_token + patches * act.per_patch
+    per_seq_ckpt = seq_len * act.per_token_ckpt + patches * act.per_patch_ckpt
     micro = seqs * per_seq
     # With checkpointing one layer (or vision block) of the whole micro-batch is live during recomputation.
-    micro_ckpt = seqs * (per_seq_ckpt + max(seq_len * act.layer_per_token, act.block_per_image))
+    micro_ckpt = seqs * (per_seq_ckpt + max(seq_len * act.layer_per_token, patches * act.block_per_patch))
     room = capacity - states
     lines = [Line(t.label, t.formula, gib(t.nbytes)) for t in gpu_terms]
     lines += [
         Line("= model states and buffers", f"ZeRO-{lc.zero_stage}, {lc.precision}, {dep.learner_ranks} rank(s)",
              gib(states)),
         Line("activations per sequence", f"{seq_len} tokens x {act.per_token / 2**20:.2f} MiB "
-             f"+ {IMAGES_PER_PROMPT} image x {gib(act.per_image)}", gib(per_seq)),
+             f"+ {IMAGES_PER_PROMPT} image x {gib(per_image)}", gib(per_seq)),
         Line("activations per micro-batch", f"{seqs} sequences (no activation checkpointing)", gib(micro)),
         Line("  with activation checkpointing", f"{seq_len} tokens x {act.per_token_ckpt / 2**20:.2f} MiB per "
              f"sequence + one layer", gib(micro_ckpt)),
