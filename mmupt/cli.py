@@ -21,6 +21,8 @@ def cmd_run(args) -> int:
 
     overrides = {"learner": {"max_steps": args.max_steps}} if args.max_steps is not None else None
     settings = _settings(args, overrides)
+    if args.dry_run:
+        return print_plan(settings, args.config)
     out = Path(args.out) if args.out else Path("runs") / time_tag()
     try:
         summary = run(settings, out, args.run_id)
@@ -30,6 +32,17 @@ def cmd_run(args) -> int:
     print(json.dumps({k: v for k, v in summary.items() if k != "streams"}, indent=2))
     print(f"summary: {out / 'summary.json'}")
     return 0 if summary["status"] == "finished" else 130
+
+
+def print_plan(settings, config_path: str) -> int:
+    from .plan import PlanError, build_plan
+
+    try:
+        print(build_plan(settings, config_path).render())
+    except PlanError as exc:
+        print(f"mmupt: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def time_tag() -> str:
@@ -87,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides learner.max_steps)")
     p.add_argument("--out", default=None, help="output folder (default runs/<time>)")
     p.add_argument("--run-id", default=None, help="Redis key prefix of the run (default: a fresh one)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and print the plan (processes, GPUs, batch arithmetic, memory); start nothing")
     p.set_defaults(func=cmd_run)
 
     for name, text in (("rollout", "the rollout server"), ("voter", "the voter"), ("learner", "the learner")):

@@ -52,6 +52,15 @@ class DataSettings(Section):
     synthetic_eval_size: int = Field(128, gt=0)
     synthetic_seed: int = 0
     shuffle_seed: int = 0
+    # Column names (JSONL fields) of the files; MM-UPT/EasyR1 data uses problem / images / answer.
+    # problem and images are required; answer, id and options are used when the file has them.
+    problem_column: str = "problem"
+    images_column: str = "images"
+    answer_column: str = "answer"
+    id_column: str = "id"
+    options_column: str = "options"
+    # Folder that relative image paths are resolved against; None: the data file's own folder.
+    image_root: str | None = None
 
 
 class PromptSettings(Section):
@@ -160,6 +169,23 @@ class LearnerSettings(Section):
     push_chunk_bytes: int = Field(256 * 1024, gt=0)
 
 
+class DeploymentSettings(Section):
+    """Where the processes run: read by `mmupt run --dry-run` to plan GPUs and memory.
+
+    `mmupt run` itself starts one process per service on one machine; on GPUs the runbook starts
+    this placement by hand (or through compose/Kubernetes), and the plan prints the commands.
+    """
+    # vLLM/transformers rollout servers; each uses rollout.tensor_parallel_size GPUs.
+    rollout_servers: int = Field(1, ge=1)
+    # DeepSpeed data-parallel ranks of the learner, one GPU each.
+    learner_ranks: int = Field(1, ge=1)
+    voters: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1)
+    # Memory of one GPU and of one node's host RAM, for the plan's fit check.
+    gpu_memory_gib: float = Field(80.0, gt=0)
+    host_memory_gib: float = Field(512.0, gt=0)
+
+
 class AuthSettings(Section):
     # Token for weight pushes and other state-changing calls. Prefer token_file (a mounted secret).
     token: str | None = Field(None, repr=False)
@@ -182,6 +208,7 @@ class Settings(Section):
     rollout: RolloutSettings = RolloutSettings()
     voter: VoterSettings = VoterSettings()
     learner: LearnerSettings = LearnerSettings()
+    deployment: DeploymentSettings = DeploymentSettings()
     auth: AuthSettings = AuthSettings()
 
     def dump_yaml(self) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from mmupt import stream_metrics
 from mmupt.auth import require_token
 from mmupt.config import Settings
-from mmupt.data import Item, load_jsonl
+from mmupt.data import Item, load_items
 from mmupt.images import ImageStore
 from mmupt.model import load_processor
 from mmupt.service import Service, base_app, consumer_name
@@ -246,7 +246,7 @@ def run(settings: Settings) -> int:
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     stream_metrics.register(streams)
-    items = load_jsonl(settings.data.train)
+    items = load_items(settings.data.train, settings.data, settings.streams)
     processor = load_processor(settings.model)
     engine = PolicyEngine(settings.model, settings.learner, settings.rollout.temperature)
     pusher = WeightPusher(token, settings.run_id, settings.learner.push_chunk_bytes, settings.learner.push_timeout_s)
