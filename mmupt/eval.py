@@ -278,3 +278,28 @@ def write_outputs(result: dict, out: Path, title: str) -> dict[str, Path]:
     paths["table"].write_text(format_table(result["summary"], k) + "\n")
     plot_summary(result["summary"], k, paths["plot"], title)
     return paths
+
+
+def run_evaluation(settings, benchmark: str | Path, out: Path, cfg: EvalConfig, model_dir: str | None = None,
+                   url: str | None = None, limit: int | None = None, grader_name: str | None = None,
+                   api_key: str | None = None, concurrency: int = 4) -> dict:
+    """`mmupt eval`: load the benchmark, sample through a local model or a server, score, and write
+    result.json, table.txt and summary.png to `out`; prints the table."""
+    from .sampler import open_sampler  # noqa: PLC0415
+    from .services.voter.grading import make_grader  # noqa: PLC0415
+
+    items = load_benchmark(benchmark, limit)
+    grader = make_grader(grader_name or settings.voter.grader)
+    sampler = open_sampler(settings, model_dir=model_dir, url=url, api_key=api_key, concurrency=concurrency)
+    log.info("evaluating %d questions of %s with %s (k=%d, temperature=%g)", len(items), benchmark,
+             sampler.describe(), cfg.k, cfg.temperature)
+    try:
+        result = evaluate(items, sampler, cfg, grader, settings.prompt)
+    finally:
+        sampler.close()
+    result["benchmark"] = str(benchmark)
+    title = f"{Path(benchmark).name}: {result['sampler']} (k={cfg.k}, T={cfg.temperature:g})"
+    paths = write_outputs(result, out, title)
+    print(format_table(result["summary"], cfg.k))
+    print(f"results: {paths['json']}  table: {paths['table']}  plot: {paths['plot']}")
+    return result

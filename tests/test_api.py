@@ -201,3 +201,24 @@ def test_not_ready_until_weights_are_loaded(api_settings, backend):
             assert "mmupt_rollout_queue_depth" in httpx.get(f"{url}/metrics", follow_redirects=True).text
         finally:
             server.close()
+
+
+def test_the_openai_client_gets_a_valid_completion_with_an_image_and_n_choices(api):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(
+        model="tiny", n=3, max_tokens=6, temperature=0.7, seed=3, logprobs=True,
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Which shape is shown?"},
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}])
+    assert completion.object == "chat.completion" and completion.model == "tiny"
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    for choice in completion.choices:
+        assert isinstance(choice.message.content, str) and choice.message.role == "assistant"
+        assert choice.finish_reason in ("stop", "length")
+        assert len(choice.logprobs.content) >= 1
+    assert completion.usage.completion_tokens == sum(len(c.logprobs.content) for c in completion.choices)
+    extra = completion.model_extra
+    assert set(extra) >= {"majority_answer", "vote_share", "policy_version"}
+    with pytest.raises(openai.BadRequestError, match="max_request_n"):
+        client.chat.completions.create(model="tiny", n=MAX_N + 1, messages=user_message("Shape?"))
