@@ -110,6 +110,9 @@ class RolloutSettings(Section):
     max_batch_prompts: int = Field(8, ge=1)
     # vLLM backend: where pushed weights are written (tmpfs) for the workers' in-place reload.
     vllm_weights_dir: str = "/dev/shm/mmupt-weights"
+    # vLLM backend: enable vLLM's native weight-transfer engine (the learner broadcasts into the
+    # workers) with this transport; None: weights arrive over gRPC WeightSync only.
+    vllm_weight_transfer: Literal["nccl", "ipc"] | None = None
 
 
 class VoterSettings(Section):
