@@ -13,18 +13,24 @@ Prints a table, writes results.json and latency.png to --out.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import statistics
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
+import os
 
-import httpx
+# Before torch loads OpenMP: on a shared 2-core machine the default (spinning) wait policy makes
+# every small op up to ~100x slower whenever other processes compete for the cores (measured).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import statistics
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -199,7 +205,8 @@ def report(result: dict, out: Path) -> None:
     left.set_ylabel("latency (s)")
     left.set_title("HTTP latency")
     left.legend()
-    right.bar([str(r["group_size"]) for r in result["backend"]], [r["tokens_per_s"] for r in result["backend"]])
+    sizes = [r["group_size"] for r in result["backend"]]
+    right.bar(range(len(sizes)), [r["tokens_per_s"] for r in result["backend"]], tick_label=[str(g) for g in sizes])
     right.set_xlabel("group size G")
     right.set_ylabel("generated tokens/s")
     right.set_title("transformers backend")
@@ -210,10 +217,11 @@ def report(result: dict, out: Path) -> None:
 
 
 def machine() -> str:
-    import os
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} cores, load average {load} at start, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
 
 def main() -> int:
@@ -225,6 +233,7 @@ def main() -> int:
     parser.add_argument("--max-queue", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.serve is not None:
         serve(args.model, args.serve, args.max_queue)
         return 0
@@ -235,7 +244,7 @@ def main() -> int:
         model_dir = str(build_tiny(Path(tempfile.mkdtemp(prefix="mmupt-bench-")) / "tiny"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    repeats, per_client = (5, 3) if args.quick else (20, 8)
+    repeats, per_client = (4, 3) if args.quick else (20, 8)
     result = {"machine": machine(), "model": model_dir,
               "backend": bench_backend(model_dir, [1, 4, 8, 16], repeats)}
     result["http"], result["overload"] = bench_http(model_dir, [1, 4, 16], per_client)

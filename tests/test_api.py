@@ -58,7 +58,7 @@ def assert_refused(reply: httpx.Response, status: int, words: str) -> None:
 
 def assert_healthy(api) -> None:
     assert httpx.get(f"{api.url}/healthz").status_code == 200
-    reply = chat(api, user_message("What shape is it?", data_url(png_bytes())), n=2, max_tokens=4)
+    reply = chat(api, user_message("What shape is it?", data_url(png_bytes())), n=2, max_tokens=2)
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["choices"]) == 2
 

@@ -39,7 +39,7 @@ def test_behaviour_logprobs_are_the_learners_log_softmax_at_the_temperature(back
 
 
 def test_vision_and_control_tokens_are_never_sampled(backend):
-    (group,) = backend.generate([prompt_for(backend)], SamplingParams(n=8, temperature=3.0, max_new_tokens=48,
+    (group,) = backend.generate([prompt_for(backend)], SamplingParams(n=6, temperature=3.0, max_new_tokens=32,
                                                                      seed=1))
     sampled = {t for c in group.completions for t in c.token_ids}
     assert len(sampled) > 20                       # a hot random model spreads over the vocabulary...

@@ -205,6 +205,17 @@ class RolloutServer:
             return await asyncio.wrap_future(future)
         except QueueTimeout as exc:
             raise RequestError(503, f"the server is overloaded: {exc}", self.retry_after()) from None
+        except Exception as exc:  # the backend failed: say so in the API's error format
+            raise RequestError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
+
+    def chat_vote(self, texts: list[str], options: list[str]):
+        """The vote over a chat completion's choices, or (None, reason): the completion is still valid
+        when the grader cannot run, so it is answered with the reason rather than refused."""
+        try:
+            return self.vote(texts, options), None
+        except Exception as exc:
+            log.warning("vote failed: %s", exc)
+            return None, f"{type(exc).__name__}: {exc}"
 
     # ---- evaluation jobs ----
     def start_eval(self, body: EvalRequest, items: list[EvalItem]) -> EvalJob:
@@ -256,8 +267,8 @@ def chat_response(result: GroupResult, model: str, vote, tokenizer, with_logprob
         "model": model, "system_fingerprint": f"mmupt-policy-v{result.policy_version}", "choices": choices,
         "usage": {"prompt_tokens": len(result.prompt_ids), "completion_tokens": completion_tokens,
                   "total_tokens": len(result.prompt_ids) + completion_tokens},
-        "policy_version": result.policy_version, "majority_answer": vote.pseudo_label,
-        "vote_share": vote.majority_ratio, "answers": vote.answers,
+        "policy_version": result.policy_version, "majority_answer": vote.pseudo_label if vote else None,
+        "vote_share": vote.majority_ratio if vote else None, "answers": vote.answers if vote else None,
     }
 
 
@@ -315,9 +326,10 @@ def build_app(server: RolloutServer, version_info: Callable[[], dict] | None = N
         params = server.sampling(body, 1, body.max_completion_tokens or body.max_tokens)
         prompt = await run_in_threadpool(chat_prompt, body.messages, server.backend.processor, server.limits)
         result = await server.generate(prompt, params)
-        vote = await run_in_threadpool(server.vote, [c.text for c in result.completions], body.options)
+        vote, vote_error = await run_in_threadpool(server.chat_vote, [c.text for c in result.completions],
+                                                   body.options)
         return chat_response(result, body.model or server.model_name, vote, server.backend.processor.tokenizer,
-                             body.logprobs)
+                             body.logprobs) | ({"vote_error": vote_error} if vote_error else {})
 
     @app.post("/v1/rollout")
     async def rollout(body: RolloutRequest):
@@ -337,8 +349,11 @@ def build_app(server: RolloutServer, version_info: Callable[[], dict] | None = N
         except ValueError as exc:  # placeholders that do not match the images
             raise RequestError(400, str(exc)) from None
         result = await server.generate(prompt, params)
-        vote = await run_in_threadpool(server.vote, [c.text for c in result.completions], body.options,
-                                       body.hidden_answer)
+        try:
+            vote = await run_in_threadpool(server.vote, [c.text for c in result.completions], body.options,
+                                           body.hidden_answer)
+        except Exception as exc:  # a rollout is its vote: without one there is nothing to answer
+            raise RequestError(500, f"vote failed: {type(exc).__name__}: {exc}") from None
         return {"policy_version": result.policy_version, "prompt_tokens": len(result.prompt_ids),
                 "sampling": {"n": params.n, "temperature": params.temperature, "top_p": params.top_p,
                              "max_tokens": params.max_new_tokens, "seed": params.seed},
