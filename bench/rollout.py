@@ -149,7 +149,8 @@ def load_run(url: str, clients: int, per_client: int) -> dict:
         t.join()
     seconds = time.perf_counter() - started
     ok = statuses.get(200, 0)
-    row = {"clients": clients, "requests": clients * per_client, "ok": ok, "statuses": {str(k): v for k, v in statuses.items()},
+    row = {"clients": clients, "requests": clients * per_client, "ok": ok,
+           "statuses": {str(k): v for k, v in statuses.items()},
            "errors": sum(v for k, v in statuses.items() if k not in (200, 429)), "refused_429": statuses.get(429, 0),
            "seconds": round(seconds, 2), "requests_per_s": round(ok / seconds, 2),
            "tokens_per_s": round(tokens[0] / seconds, 1)}
@@ -184,7 +185,8 @@ def report(result: dict, out: Path) -> None:
     for r in result["backend"]:
         print(f"{r['group_size']:>4} {r['groups']:>7} {r['tokens']:>7} {r['tokens_per_s']:>9} {r['groups_per_s']:>9}")
     print("\nHTTP /v1/chat/completions (n=4, up to 32 new tokens, one image)")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>6} {'tok/s':>7} {'p50 s':>6} {'p90 s':>6} {'p99 s':>6}")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>6} {'tok/s':>7} "
+          f"{'p50 s':>6} {'p90 s':>6} {'p99 s':>6}")
     for r in result["http"]:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:>6} {r['tokens_per_s']:>7} "
               f"{r.get('p50_s', '-'):>6} {r.get('p90_s', '-'):>6} {r.get('p99_s', '-'):>6}")

@@ -107,13 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=8, help="samples per question (avg@k, maj@k, pass@k)")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=None, help="new tokens per sample (default rollout.max_new_tokens)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens per sample (default rollout.max_new_tokens)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="questions sampled together")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url")
     p.add_argument("--grader", default=None, help="answer equivalence (default voter.grader)")
-    p.add_argument("--backend", choices=["transformers", "vllm"], default=None, help="with --model (default rollout.backend)")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default=None,
+                   help="with --model (default rollout.backend)")
     p.add_argument("--api-key", default=None, help="bearer token for --url, if the server wants one")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
