@@ -133,6 +133,7 @@ def test_sampling_limits_and_unsupported_fields_are_refused(api):
     assert_refused(chat(api, user_message("Shape?", image), max_tokens=MAX_TOKENS + 1), 400,
                    "max_request_new_tokens")
     assert_refused(chat(api, user_message("word " * 400, image)), 400, "tokens")  # prompt too long
+    assert_refused(chat(api, user_message("w" * 200_000, image)), 400, "characters")  # refused untokenized
     assert_refused(chat(api, user_message("Shape?", image), stream=True), 400, "stream")
     assert_refused(chat(api, user_message("Shape?", image), temperature=0), 400, "temperature")
     assert_refused(chat(api, user_message("Shape?", image), frobnicate=1), 400, "frobnicate")
@@ -145,6 +146,9 @@ def test_request_bodies_over_the_limit_are_refused_before_reading(api):
     reply = httpx.post(f"{api.url}/v1/chat/completions", content=b"x" * (MAX_BODY + 1),
                        headers={"content-type": "application/json"})
     assert_refused(reply, 413, "over the limit")
+    chunked = httpx.post(f"{api.url}/v1/chat/completions", content=iter([b'{"messages": []}']),
+                         headers={"content-type": "application/json"})   # no Content-Length: chunked
+    assert_refused(chunked, 411, "Content-Length")
     assert_healthy(api)
 
 

@@ -157,7 +157,15 @@ def chat_prompt(messages: list[ChatMessage] | list[dict], processor, limits: Inp
     return prepared(processor, render_prompt(processor, rendered), images, limits)
 
 
+# No tokenizer packs more characters than this into one token: a longer text is refused before
+# the (costly) tokenization it would otherwise get.
+MAX_CHARS_PER_TOKEN = 64
+
+
 def prepared(processor, text: str, images: list, limits: InputLimits) -> PromptInput:
+    if len(text) > limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
+        raise RequestError(400, f"prompt is {len(text)} characters, far over the limit of "
+                                f"{limits.max_prompt_tokens} tokens")
     try:
         return prepare_prompt(processor, text, images, limits.max_prompt_tokens)
     except (PromptTooLong, PromptError) as exc:
