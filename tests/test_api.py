@@ -226,3 +226,27 @@ def test_the_openai_client_gets_a_valid_completion_with_an_image_and_n_choices(a
     assert set(extra) >= {"majority_answer", "vote_share", "policy_version"}
     with pytest.raises(openai.BadRequestError, match="max_request_n"):
         client.chat.completions.create(model="tiny", n=MAX_N + 1, messages=user_message("Shape?"))
+
+
+def test_the_http_sampler_waits_out_busy_answers_and_reports_refusals(api_settings, backend):
+    from mmupt.sampler import ChatRequest, HTTPSampler, SamplerError
+
+    request = ChatRequest(messages=user_message("Shape?", data_url(png_bytes())), n=2, max_tokens=3)
+    server = RolloutServer(api_settings, TOKEN)
+    with serving(build_app(server)) as url:
+        impatient = HTTPSampler(url, busy_wait_s=0)
+        with pytest.raises(SamplerError, match="503: the model is still loading"):
+            impatient.complete([request])
+        loader = threading.Timer(1.0, server.attach, args=(backend,))   # weights arrive a second later
+        loader.start()
+        patient = HTTPSampler(url, busy_wait_s=30)
+        try:
+            (choices,) = patient.complete([request])
+            assert len(choices) == 2 and all(c.finish_reason in ("stop", "length") for c in choices)
+            with pytest.raises(SamplerError, match="max_request_n"):
+                patient.complete([ChatRequest(messages=request.messages, n=MAX_N + 1)])
+        finally:
+            loader.join()
+            server.close()
+            impatient.close()
+            patient.close()
