@@ -328,9 +328,12 @@ def start_rollout(args, folder: Path, redis_url: str, token: str, scratch: Path)
         if proc.poll() is not None:
             raise RuntimeError(f"the rollout server exited: {(scratch / 'rollout.log').read_text()[-2000:]}")
         try:
-            return proc, url, f"127.0.0.1:{grpc_port}", httpx.get(url, timeout=5).json()
+            info = httpx.get(url, timeout=5).json()
+            if info.get("ready"):  # HTTP answers while the weights still load
+                return proc, url, f"127.0.0.1:{grpc_port}", info
         except httpx.HTTPError:
-            time.sleep(1.0)
+            pass
+        time.sleep(1.0)
     proc.terminate()
     raise RuntimeError("the rollout server did not answer in time")
 

@@ -62,6 +62,25 @@ def cmd_service(args) -> int:
     return run(settings)
 
 
+def cmd_eval(args) -> int:
+    from .eval import BenchmarkError, EvalConfig, run_evaluation
+    from .sampler import SamplerError
+
+    overrides = {"rollout": {"backend": args.backend}} if args.backend else None
+    settings = _settings(args, overrides)
+    cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p,
+                     max_tokens=args.max_tokens or settings.rollout.max_new_tokens, seed=args.seed,
+                     batch_size=args.batch_size)
+    out = Path(args.out) if args.out else Path("runs") / f"eval-{time_tag()}"
+    try:
+        run_evaluation(settings, args.benchmark, out, cfg, model_dir=args.model, url=args.url, limit=args.limit,
+                       grader_name=args.grader, api_key=args.api_key, concurrency=args.concurrency)
+    except (BenchmarkError, SamplerError, ValueError) as exc:
+        print(f"mmupt eval: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_build_tiny(args) -> int:
     from .model import build_tiny
 
@@ -117,6 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML whose voter section sets tie policy, min agreement ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_vote)
+
+    p = sub.add_parser("eval", help="evaluate a model or a rollout server on a benchmark file")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Hugging Face-format model folder, run in this process")
+    source.add_argument("--url", help="a rollout server (its /v1/chat/completions)")
+    p.add_argument("--benchmark", required=True, help="JSON/JSONL file (MathVista, MATH-V or We-Math style)")
+    p.add_argument("--k", type=int, default=8, help="samples per question (avg@k, maj@k, pass@k)")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens per sample (default rollout.max_new_tokens)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="questions sampled together")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url")
+    p.add_argument("--grader", default=None, help="answer equivalence (default voter.grader)")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default=None,
+                   help="with --model (default rollout.backend)")
+    p.add_argument("--api-key", default=None, help="bearer token for --url, if the server wants one")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a folder")
     p.add_argument("--out", required=True)

@@ -101,6 +101,27 @@ class RolloutSettings(Section):
     # The address the learner uses to reach this server's WeightSync service (defaults to host).
     advertise_host: str | None = None
     heartbeat_s: float = Field(2.0, gt=0)
+    # ---- HTTP API (/v1/chat/completions, /v1/rollout, /v1/eval) ----
+    # Limits on one request; anything over them is refused with a 4xx that says which.
+    max_request_n: int = Field(32, ge=1)
+    max_request_new_tokens: int = Field(4096, gt=0)
+    max_request_images: int = Field(8, ge=0)
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # Local files a request may name (image paths, /v1/eval benchmark files) must resolve inside
+    # one of these directories; empty: no local paths at all (images come as data URLs).
+    allowed_local_dirs: list[str] = []
+    # Bounded queue of API requests: when full the server answers 429 with Retry-After; a request
+    # still queued after queue_timeout_s is answered 503 with Retry-After.
+    max_queue: int = Field(64, ge=1)
+    queue_timeout_s: float = Field(300.0, gt=0)
+    retry_after_s: int = Field(2, ge=1)
+    # API prompts handed to the backend together (one transformers call; vLLM batches continuously).
+    max_batch_prompts: int = Field(8, ge=1)
+    # vLLM backend: where pushed weights are written (tmpfs) for the workers' in-place reload.
+    vllm_weights_dir: str = "/dev/shm/mmupt-weights"
+    # vLLM backend: enable vLLM's native weight-transfer engine (the learner broadcasts into the
+    # workers) with this transport; None: weights arrive over gRPC WeightSync only.
+    vllm_weight_transfer: Literal["nccl", "ipc"] | None = None
 
 
 class VoterSettings(Section):

@@ -18,6 +18,10 @@ class ImageError(ValueError):
     """An image that cannot be used; the message is safe to show to a client."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the byte or pixel limit (HTTP answers 413 rather than 400)."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -25,19 +29,19 @@ def sha256_hex(data: bytes) -> str:
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     """Bytes -> RGB image, checking size limits *before* decompressing pixel data."""
     if len(data) > max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {max_bytes}")
+        raise ImageTooLarge(f"image is {len(data)} bytes, over the limit of {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size  # read from the header; no pixels decoded yet
             if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+                raise ImageTooLarge(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
             img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image refused as a decompression bomb: {exc}") from None
+        raise ImageTooLarge(f"image refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises many types for broken input
         raise ImageError(f"not a readable image: {type(exc).__name__}") from None
     return img.convert("RGB")

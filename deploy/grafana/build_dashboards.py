@@ -108,6 +108,19 @@ ROLLOUT = [
           "Swapping a verified push in; generation waits for it."),
     Panel("Waiting for weights", [("mmupt_rollout_waiting_for_weights", "{{instance}}")],
           description="1 while a server is more than max_staleness versions behind and takes no training prompts."),
+    Panel("Decode speed of the last backend call", [("mmupt_rollout_tokens_per_second", "{{instance}}")],
+          description="Generated tokens per second of the most recent generate call, per server."),
+    Panel("Prompt tokens/s", [(per_second("mmupt_rollout_prompt_tokens_total", "instance"), "{{instance}}")]),
+    Panel("API requests/s by status", [(per_second("mmupt_rollout_requests_total", "endpoint, status"),
+                                        "{{endpoint}} {{status}}")], "ops",
+          "OpenAI-style chat completions, /v1/rollout, /v1/eval; 4xx are refused inputs."),
+    Panel("API latency", quantiles("mmupt_rollout_request_seconds", "endpoint"), "s", "Queueing included."),
+    Panel("API queue", [("sum(mmupt_rollout_queue_depth)", "waiting"),
+                        ("sum(mmupt_rollout_requests_in_flight)", "generating")],
+          description="The bounded request queue; when full, requests get 429 with Retry-After."),
+    Panel("API requests refused for load", [(per_second("mmupt_rollout_rejected_total", "reason"), "{{reason}}")],
+          "ops", "queue_full: 429; queue_timeout: 503 (waited longer than rollout.queue_timeout_s)."),
+    Panel("Evaluation jobs", [(per_second("mmupt_rollout_eval_jobs_total", "outcome"), "{{outcome}}")], "ops"),
 ]
 
 VOTER = [

@@ -8,16 +8,19 @@ import torch
 from mmupt.config import ModelSettings
 from mmupt.model import banned_token_ids, encode_prompt, load_model, load_processor, stop_token_ids
 
-from .backend import Completion, GroupResult, PromptInput, SamplingParams
+from .backend import Completion, GroupResult, PromptInput, SamplingParams, cut_at_stop, params_per_prompt
 
 
 class TransformersBackend:
+    concurrent_batches = 1  # generate() holds the model lock: batches run one after another
+
     def __init__(self, settings: ModelSettings, version: int = 0):
         self.processor = load_processor(settings)
         self.tokenizer = self.processor.tokenizer
         self.model = load_model(settings).eval()
         self.device = next(self.model.parameters()).device
         self.stop_ids = stop_token_ids(self.tokenizer)
+        # Vision and control tokens are never sampled (a sampled <|image_pad|> breaks the learner).
         self.banned = [[i] for i in banned_token_ids(self.tokenizer)]
         # One lock serialises generation and weight swaps: no request sees a half-loaded model.
         self._lock = threading.Lock()
@@ -27,13 +30,16 @@ class TransformersBackend:
     def version(self) -> int:
         return self._version
 
-    def generate(self, prompts: list[PromptInput], params: SamplingParams) -> list[GroupResult]:
+    def generate(self, prompts: list[PromptInput],
+                 params: SamplingParams | list[SamplingParams]) -> list[GroupResult]:
+        per_prompt = params_per_prompt(params, len(prompts))
         with self._lock:
-            return [self._generate_one(p, params) for p in prompts]
+            return [self._generate_one(p, sp) for p, sp in zip(prompts, per_prompt)]
 
     @torch.no_grad()
     def _generate_one(self, prompt: PromptInput, params: SamplingParams) -> GroupResult:
-        inputs = {k: v.to(self.device) for k, v in encode_prompt(self.processor, prompt.text, prompt.images).items()}
+        encoded = prompt.encoded or encode_prompt(self.processor, prompt.text, prompt.images)
+        inputs = {k: v.to(self.device) for k, v in encoded.items()}
         prompt_len = inputs["input_ids"].shape[1]
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -59,10 +65,26 @@ class TransformersBackend:
             if tok in self.stop_ids:
                 end, reason = i + 1, "stop"  # keep the stop token: the policy learns to stop
                 break
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        if reason == "length" and params.stop and any(s in text for s in params.stop):
-            reason = "stop"
+        if params.stop:
+            # A stop string ends the sequence at the token that completes it; generate pads the rest.
+            stop_end = self._stop_string_end(ids[:end], params.stop)
+            if stop_end is not None:
+                end, reason = stop_end, "stop"
+        text, _ = cut_at_stop(self.tokenizer.decode(ids[:end], skip_special_tokens=True), params.stop)
         return Completion(token_ids=ids[:end], logprobs=logprobs[:end].tolist(), text=text, finish_reason=reason)
+
+    def _stop_string_end(self, ids: list[int], stop: list[str]) -> int | None:
+        """Fewest tokens whose text contains a stop string (binary search: containment only grows)."""
+        def contains(end: int) -> bool:
+            return cut_at_stop(self.tokenizer.decode(ids[:end], skip_special_tokens=True), stop)[1]
+
+        if not contains(len(ids)):
+            return None
+        low, high = 1, len(ids)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if contains(mid) else (mid + 1, high)
+        return low
 
     def weight_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {name: (tuple(t.shape), t.dtype) for name, t in self.model.state_dict().items()}
@@ -79,3 +101,6 @@ class TransformersBackend:
             self.model.load_state_dict(state, strict=True)
             self._version = version
             return True
+
+    def close(self) -> None:
+        """Nothing to release: the model lives in this process."""

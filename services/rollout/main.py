@@ -1,6 +1,7 @@
 """The rollout service: prompts stream -> a group of G samples at one policy version -> groups stream.
 
-Also serves gRPC WeightSync (the learner pushes new versions) and HTTP (health, metrics, version).
+Also serves gRPC WeightSync (the learner pushes new versions) and the HTTP API (services/rollout/api.py:
+OpenAI-style chat completions, voted rollouts, evaluation jobs, health, metrics, version).
 """
 from __future__ import annotations
 
@@ -12,25 +13,17 @@ from mmupt.auth import require_token
 from mmupt.config import Settings
 from mmupt.images import ImageError, ImageStore, decode_image
 from mmupt.model import PromptError, build_messages, render_prompt
-from mmupt.service import Service, base_app, consumer_name
+from mmupt.service import Service, consumer_name
 from mmupt.streams import Streams, connect
 from mmupt.wire import GroupMsg, MalformedMessage, PromptMsg, Response, Sampling, decode, encode, pack_floats, pack_ids
 
 from . import metrics
-from .backend import PromptInput, SamplingParams
+from .api import RolloutServer, build_app
+from .backend import PromptInput, PromptTooLong, SamplingParams, make_backend, prepare_prompt
+from .request_queue import record_generation
 from .weight_server import WeightSyncServicer, start_server
 
 log = logging.getLogger(__name__)
-
-
-def make_backend(settings: Settings):
-    if settings.rollout.backend == "vllm":
-        from .vllm_backend import VLLMBackend  # noqa: PLC0415 (GPU images only)
-
-        return VLLMBackend(settings.model)
-    from .hf_backend import TransformersBackend
-
-    return TransformersBackend(settings.model)
 
 
 class RolloutWorker:
@@ -66,7 +59,7 @@ class RolloutWorker:
             try:
                 prompt = decode(entry.payload or b"", PromptMsg)
                 group = self.sample(prompt)
-            except (MalformedMessage, PromptError, ImageError, KeyError) as exc:
+            except (MalformedMessage, PromptError, PromptTooLong, ImageError, KeyError) as exc:
                 metrics.DEADLETTERED.inc()
                 self.streams.dead_letter("prompts", entry, f"{type(exc).__name__}: {exc}", "rollout",
                                          prompt.group_id if prompt else None)
@@ -77,7 +70,8 @@ class RolloutWorker:
         s = self.cfg.streams
         images = [decode_image(self.images.get(h), s.max_image_bytes, s.max_image_pixels) for h in image_hashes]
         messages = build_messages(problem, len(images), self.cfg.prompt)
-        return PromptInput(text=render_prompt(self.backend.processor, messages), images=images)
+        return prepare_prompt(self.backend.processor, render_prompt(self.backend.processor, messages), images,
+                              self.cfg.rollout.max_prompt_tokens)
 
     def sample(self, prompt: PromptMsg) -> GroupMsg:
         started = time.perf_counter()
@@ -85,9 +79,10 @@ class RolloutWorker:
         responses = [Response(token_ids=pack_ids(c.token_ids), logprobs=pack_floats(c.logprobs), text=c.text,
                               finish_reason=c.finish_reason) for c in result.completions]
         p = self.params
-        metrics.GROUP_SECONDS.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.GROUP_SECONDS.observe(seconds)
         metrics.GROUPS.inc()
-        metrics.TOKENS.inc(sum(len(c.token_ids) for c in result.completions))
+        record_generation([result], seconds)
         return GroupMsg(
             group_id=prompt.group_id, prompt_id=prompt.prompt_id, epoch=prompt.epoch, problem=prompt.problem,
             image_hashes=prompt.image_hashes, options=prompt.options, prompt_ids=pack_ids(result.prompt_ids),
@@ -105,28 +100,30 @@ def run(settings: Settings) -> int:
     service = Service("rollout")
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
-    backend = make_backend(settings)
-    metrics.VERSION.set(backend.version)
     r = settings.rollout
+    metrics.initialise()
+    # HTTP first: /healthz answers and /readyz says "not ready" while the weights load.
+    server = RolloutServer(settings, token)
+    servicer: WeightSyncServicer | None = None
+
+    def version_info() -> dict:
+        return {"sha256": servicer.serving_sha256(), "initial_sha256": servicer.initial_sha256,
+                "server_id": server_id} if servicer else {}
+
+    service.serve_http(build_app(server, version_info), r.host, r.http_port)
+    backend = make_backend(settings)
     servicer = WeightSyncServicer(backend, token, settings.run_id)
     grpc_server, grpc_port = start_server(servicer, r.host, r.grpc_port)
     advertise = r.advertise_host or (socket.gethostname() if r.host == "0.0.0.0" else r.host)
     server_id = f"{advertise}:{grpc_port}"
+    server.attach(backend)
     worker = RolloutWorker(settings, streams, backend, server_id)
-
-    app = base_app("mmupt rollout", ready=lambda: True)
-
-    @app.get("/v1/version")
-    def version():
-        return {"version": backend.version, "sha256": servicer.serving_sha256(),
-                "initial_sha256": servicer.initial_sha256, "server_id": server_id}
 
     def heartbeat() -> None:
         streams.register_server(server_id, {"grpc": server_id, "http": f"{advertise}:{r.http_port}",
                                             "version": backend.version})
         service.stop.wait(r.heartbeat_s)
 
-    service.serve_http(app, r.host, r.http_port)
     service.loop("heartbeat", heartbeat)
     service.loop("rollout", lambda: worker.step(service.stop))
     log.info("rollout %s: weight sync on %s, consuming %s", worker.consumer, server_id, streams.keys.prompts)
@@ -134,5 +131,7 @@ def run(settings: Settings) -> int:
     def on_stop() -> None:
         streams.unregister_server(server_id)
         grpc_server.stop(grace=5)
+        server.close()
+        backend.close()
 
     return service.run_until_stopped(on_stop)
