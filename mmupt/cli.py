@@ -46,6 +46,8 @@ def cmd_service(args) -> int:
         from .services.voter.main import run
     else:
         from .services.learner.main import run
+
+        return run(settings, resume=args.resume)
     return run(settings)
 
 
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("rollout", "the rollout server"), ("voter", "the voter"), ("learner", "the learner")):
         p = sub.add_parser(name, help=f"run {text} alone against redis_url / MMUPT_REDIS_URL")
         p.add_argument("--config", default=DEFAULT_CONFIG)
+        if name == "learner":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint in learner.checkpoint_dir (none: from the start)")
         p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a folder")

@@ -155,6 +155,20 @@ class LearnerSettings(Section):
     # Chunk size of gRPC weight pushes (256 KiB measured fastest on loopback).
     push_chunk_bytes: int = Field(256 * 1024, gt=0)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        # Each message starts with the field it is about, so the error names the field to change.
+        if self.batch_groups % self.micro_groups:
+            raise ValueError(f"micro_groups ({self.micro_groups}) must divide batch_groups ({self.batch_groups})")
+        if self.max_steps % self.updates_per_batch:
+            raise ValueError(f"max_steps ({self.max_steps}) must be a multiple of updates_per_batch "
+                             f"({self.updates_per_batch}): training stops at a rollout-batch boundary")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
 
 class AuthSettings(Section):
     # Token for weight pushes and other state-changing calls. Prefer token_file (a mounted secret).

@@ -148,6 +148,7 @@ def summarize(streams: Streams, rollout: dict | None, status: str, started: floa
         "prompts_admitted": int(state.get("admitted", 0)),
         "groups_trained": int(state.get("trained", 0)),
         "groups_dropped_stale": int(state.get("dropped_stale", 0)),
+        "groups_skipped_zero_advantage": int(state.get("skipped_zero_advantage", 0)),
         "groups_deadlettered": int(state.get("deadlettered", 0)),
         "duplicate_groups": int(state.get("duplicates", 0)),
         "groups_in_flight": inflight,
