@@ -111,3 +111,24 @@ def run_learner(settings, resume: bool = False, feeder: Feeder | None = None):
     with Feeder(settings):
         learner.run(threading.Event())
     return learner
+
+
+def sample_groups(settings, count: int, rewards=alternating_rewards):
+    """`count` scored groups sampled by the real rollout worker, with their image bytes."""
+    from mmupt.data import load_jsonl
+    from mmupt.images import ImageStore
+    from mmupt.services.rollout.hf_backend import TransformersBackend
+    from mmupt.services.rollout.main import RolloutWorker
+
+    settings = settings.model_copy(deep=True)
+    settings.rollout.seed = 1234
+    streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
+    images = ImageStore(streams.r, streams.keys, settings.streams.image_ttl_s)
+    worker = RolloutWorker(settings, streams, TransformersBackend(settings.model), "sampler")
+    out = []
+    for i, item in enumerate(load_jsonl(settings.data.train)[:count]):
+        prompt = PromptMsg(group_id=f"0:{i}", prompt_id=item.id, problem=item.problem,
+                           image_hashes=[images.put(data) for data in item.images])
+        group = worker.sample(prompt)
+        out.append((score(group, rewards(group)), list(item.images)))
+    return out

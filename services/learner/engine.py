@@ -130,7 +130,8 @@ class PolicyEngine:
             import deepspeed
 
             wrapped, *_ = deepspeed.initialize(model=reference, config=reference_config(self.cfg, self.micro_per_step))
-            return wrapped.eval()
+            wrapped.eval()  # DeepSpeedEngine.eval() returns None, unlike nn.Module.eval()
+            return wrapped
         if self.cfg.precision == "bf16":
             reference = reference.to(torch.bfloat16)
         return reference
