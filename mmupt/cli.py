@@ -22,8 +22,14 @@ def cmd_run(args) -> int:
     overrides = {"learner": {"max_steps": args.max_steps}} if args.max_steps is not None else None
     settings = _settings(args, overrides)
     out = Path(args.out) if args.out else Path("runs") / time_tag()
+    run_id = args.run_id
+    if args.resume:
+        if not (args.out and (out / "config.yaml").is_file()):
+            print("mmupt run --resume needs --out DIR of an earlier run (DIR/config.yaml)", file=sys.stderr)
+            return 2
+        run_id = run_id or load_settings(out / "config.yaml", environ={}).run_id
     try:
-        summary = run(settings, out, args.run_id)
+        summary = run(settings, out, run_id, resume=args.resume)
     except RunFailed as exc:
         print(f"mmupt run failed: {exc}", file=sys.stderr)
         return 1
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides learner.max_steps)")
     p.add_argument("--out", default=None, help="output folder (default runs/<time>)")
     p.add_argument("--run-id", default=None, help="Redis key prefix of the run (default: a fresh one)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (same run id; with the embedded "
+                        "server the learner rebuilds its ledger from the checkpoint)")
     p.set_defaults(func=cmd_run)
 
     for name, text in (("rollout", "the rollout server"), ("voter", "the voter"), ("learner", "the learner")):
