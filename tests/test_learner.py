@@ -150,24 +150,34 @@ def test_resume_into_an_empty_redis_rebuilds_the_ledger_from_the_checkpoint(refe
     assert counters["admitted"] == counters["trained"] == 8 and counters["in_flight"] == 0
 
 
-def test_two_ranks_with_zero3_take_the_same_steps_as_one(reference, make_settings, tmp_path):
-    """`mmupt learner` under the deepspeed launcher: 2 ranks on gloo, ZeRO-3, rank 0 alone on Redis."""
-    settings = make_settings(zero_stage=3, max_steps=2, checkpoint_every=0)
-    settings.learner.http_port = free_port()
-    config = tmp_path / "two-ranks.yaml"
+def launch_two_ranks(settings, config: Path, *args: str) -> None:
+    """`mmupt learner` under the deepspeed launcher: 2 ranks on gloo, fed by the feeder."""
     config.write_text(settings.dump_yaml())
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", "2",
-               "--master_port", str(free_port()), "--module", "mmupt", "learner", "--config", str(config)]
+               "--master_port", str(free_port()), "--module", "mmupt", "learner", "--config", str(config), *args]
     with Feeder(settings):
         proc = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = step_log(settings.learner.checkpoint_dir)
+
+
+def test_two_ranks_with_zero3_take_the_same_steps_as_one_and_resume_exactly(reference, make_settings, tmp_path):
+    settings = make_settings(zero_stage=3, max_steps=2, checkpoint_every=0)
+    settings.learner.http_port = free_port()
+    launch_two_ranks(settings, tmp_path / "two-ranks.yaml")
+    checkpoint_dir = Path(settings.learner.checkpoint_dir)
+    log = step_log(checkpoint_dir)
     for step in (1, 2):
         for stat in ("loss", "kl", "grad_norm", "tokens"):
             assert log[step][stat] == pytest.approx(reference.log[step][stat], rel=1e-4, abs=1e-6), (step, stat)
-    final = Path(settings.learner.checkpoint_dir) / "step-000002"
-    assert_same_weights(weights(final), weights(reference.step2), atol=1e-5)  # gathered from 2 ZeRO-3 shards
-    assert len(list((final / "engine" / "engine").glob("*optim_states.pt"))) == 2  # one optimizer shard per rank
+    assert_same_weights(weights(checkpoint_dir / "step-000002"), weights(reference.step2), atol=1e-5)
+    assert len(list((checkpoint_dir / "step-000002" / "engine" / "engine").glob("*optim_states.pt"))) == 2
+
+    settings.learner.max_steps = 4  # both ranks load their ZeRO-3 shards and go on
+    launch_two_ranks(settings, tmp_path / "two-ranks.yaml", "--resume")
+    log = step_log(checkpoint_dir)
+    for step in (3, 4):
+        assert log[step]["loss"] == pytest.approx(reference.log[step]["loss"], rel=1e-4, abs=1e-6), step
+    assert_same_weights(weights(checkpoint_dir / "step-000004"), weights(reference.final), atol=1e-5)
 
 
 def test_consumption_drops_stale_skips_flat_groups_and_recognises_duplicates(make_settings):

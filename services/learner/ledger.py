@@ -26,7 +26,8 @@ REPLAYED_ID = b"0-0"
 
 
 class LedgerMismatch(RuntimeError):
-    """Redis and the checkpoint folder describe different histories; resuming would lose or repeat work."""
+    """The run's Redis ledger and checkpoint folder disagree with each other, or with how the learner
+    was started (fresh or --resume); going on would lose or repeat work."""
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,14 @@ class Learner:
     # ---- start and resume -----------------------------------------------------------------------
     def start(self, resume: bool = False) -> None:
         """Fresh, or continue from the newest checkpoint with the Redis ledger brought in line."""
-        checkpoint = self.checkpoints.latest() if resume else None
+        checkpoint = self.checkpoints.latest()
+        if checkpoint is not None and not resume:
+            raise LedgerMismatch(f"{self.checkpoints.root} already holds checkpoints ({checkpoint.name}): continue "
+                                 "that run with `mmupt learner --resume`, or use another learner.checkpoint_dir")
         saved = read_state(checkpoint) if checkpoint else None
+        if saved and self.ledger.exists() and saved["run_id"] != self.cfg.run_id:
+            raise LedgerMismatch(f"the checkpoint {checkpoint} belongs to run {saved['run_id']!r}, but Redis already "
+                                 f"has a ledger for run {self.cfg.run_id!r}")
         if not self.ledger.exists():
             if saved:  # Redis lost the run (or is a new one): rebuild the ledger from the checkpoint
                 self.ledger.restore(saved["ledger"])
