@@ -58,7 +58,8 @@ def measure(settings, sampled, steps: int, workdir: Path) -> dict[str, float]:
     builder = BatchBuilder(settings, load_processor(settings.model))
     encoded = [(s, builder.encode(s, images)) for s, images in sampled]
     share = [builder.build(m) for m in rank_share(encoded, settings.learner.micro_groups, engine.rank, engine.world)]
-    engine.train_step(share)  # warm-up
+    for _ in range(3):  # warm-up: the first steps in a process are several times slower on the CPU
+        engine.train_step(share)
     times, tokens = [], 0.0
     for _ in range(steps):
         stats = engine.train_step(share)
@@ -113,6 +114,14 @@ def main() -> None:
     model = args.model or str(build_tiny(work / "tiny"))
     write_dataset(work / "data", train_size=args.groups, eval_size=1, seed=0)
     base = {"model": {"path": model, "device": "auto"}, "data": {"train": str(work / "data" / "train.jsonl")}}
+    import os
+
+    import torch
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+              f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+              f"{args.groups} groups x {args.group_size} responses x <= {args.new_tokens} tokens per step", flush=True)
     sampled = sample_batch(load_settings(environ={}, overrides=base), args.groups, args.group_size, args.new_tokens)
     rows = []
     for spec in args.settings:
