@@ -145,6 +145,7 @@ class LearnerSettings(Section):
     host: str = "127.0.0.1"
     http_port: int = Field(8002, ge=0, le=65535)
     checkpoint_dir: str = "runs/checkpoints"
+    # Also when trained groups become final: until then Redis keeps them for replay (learner:replay).
     checkpoint_every: int = Field(0, ge=0)   # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     # How new weights reach the rollout servers: gRPC chunks, or a gloo/NCCL broadcast.
