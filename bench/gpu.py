@@ -178,14 +178,15 @@ def synthetic_batch(args, processor, config):
     safe = min(set(range(len(banned) + 1)) - banned)
     responses[torch.isin(responses, torch.tensor(sorted(banned)))] = safe  # vision tokens would break the forward
     input_ids = torch.cat([prompt.expand(n, -1), responses], dim=1)
-    length = input_ids.shape[1]
-    mask = torch.zeros(n, length - 1)
-    mask[:, len(prompt) - 1:] = 1.0
+    # Only the response positions are scored: they start at the last prompt token (it predicts the first).
+    first = len(prompt) - 1
+    mask = torch.ones(n, r)
     rewards = torch.tensor([float(i % 2) for i in range(n)])
     return MicroBatch(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
         pixel_values=enc["pixel_values"].repeat(n, 1), image_grid_thw=enc["image_grid_thw"].repeat(n, 1),
-        targets=input_ids[:, 1:], mask=mask, behaviour_logp=-math.log(vocab) * mask,  # a uniform policy's log-prob
+        first=first, targets=input_ids[:, first + 1:], mask=mask,
+        behaviour_logp=-math.log(vocab) * mask,  # a uniform policy's log-prob
         advantages=rewards * 2 - 1, rewards=rewards, n_groups=1)
 
 

@@ -24,8 +24,14 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return print_plan(settings, args.config)
     out = Path(args.out) if args.out else Path("runs") / time_tag()
+    run_id = args.run_id
+    if args.resume:
+        if not (args.out and (out / "config.yaml").is_file()):
+            print("mmupt run --resume needs --out DIR of an earlier run (DIR/config.yaml)", file=sys.stderr)
+            return 2
+        run_id = run_id or load_settings(out / "config.yaml", environ={}).run_id
     try:
-        summary = run(settings, out, args.run_id)
+        summary = run(settings, out, run_id, resume=args.resume)
     except RunFailed as exc:
         print(f"mmupt run failed: {exc}", file=sys.stderr)
         return 1
@@ -59,6 +65,8 @@ def cmd_service(args) -> int:
         from .services.voter.main import run
     else:
         from .services.learner.main import run
+
+        return run(settings, resume=args.resume)
     return run(settings)
 
 
@@ -121,11 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="Redis key prefix of the run (default: a fresh one)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the plan (processes, GPUs, batch arithmetic, memory); start nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (same run id; with the embedded "
+                        "server the learner rebuilds its ledger from the checkpoint)")
     p.set_defaults(func=cmd_run)
 
     for name, text in (("rollout", "the rollout server"), ("voter", "the voter"), ("learner", "the learner")):
         p = sub.add_parser(name, help=f"run {text} alone against redis_url / MMUPT_REDIS_URL")
         p.add_argument("--config", default=DEFAULT_CONFIG)
+        if name == "learner":
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint in learner.checkpoint_dir (none: from the start)")
         p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("vote", help="majority-vote groups of responses offline (JSONL in, JSONL out)")

@@ -179,6 +179,7 @@ class LearnerSettings(Section):
     host: str = "127.0.0.1"
     http_port: int = Field(8002, ge=0, le=65535)
     checkpoint_dir: str = "runs/checkpoints"
+    # Also when trained groups become final: until then Redis keeps them for replay (learner:replay).
     checkpoint_every: int = Field(0, ge=0)   # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     # How new weights reach the rollout servers: gRPC chunks, or a gloo/NCCL broadcast.
@@ -188,6 +189,20 @@ class LearnerSettings(Section):
     push_timeout_s: float = Field(120.0, gt=0)
     # Chunk size of gRPC weight pushes (256 KiB measured fastest on loopback).
     push_chunk_bytes: int = Field(256 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        # Each message starts with the field it is about, so the error names the field to change.
+        if self.batch_groups % self.micro_groups:
+            raise ValueError(f"micro_groups ({self.micro_groups}) must divide batch_groups ({self.batch_groups})")
+        if self.max_steps % self.updates_per_batch:
+            raise ValueError(f"max_steps ({self.max_steps}) must be a multiple of updates_per_batch "
+                             f"({self.updates_per_batch}): training stops at a rollout-batch boundary")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
 
 
 class DeploymentSettings(Section):

@@ -39,10 +39,10 @@ class Children:
     out: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, config_path: Path, env: dict[str, str]) -> None:
+    def start(self, name: str, config_path: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         log_file = open(self.out / "logs" / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "mmupt", name, "--config", str(config_path)],
+            [sys.executable, "-m", "mmupt", name, "--config", str(config_path), *args],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def failed(self) -> str | None:
@@ -112,12 +112,11 @@ def wait_learner(children: Children, streams: Streams, max_steps: int) -> None:
     try:
         while True:
             state = streams.state()
-            version = int(state.get("version", 0))
-            if version > shown:
-                bar.update(version - shown)
-                shown = version
-                count = int(state.get("reward_count", 0)) or 1
-                bar.set_postfix(version=version, reward=f"{float(state.get('reward_sum', 0)) / count:.3f}")
+            step = int(state.get("step", 0))
+            if step > shown:
+                bar.update(step - shown)
+                shown = step
+                bar.set_postfix(version=state.get("version"), reward=f"{float(state.get('last_mean_reward', 0)):.3f}")
             failed = children.failed()
             if failed:
                 raise RunFailed(f"the {failed} service exited (code {children.procs[failed].returncode}):\n"
@@ -152,6 +151,7 @@ def summarize(streams: Streams, rollout: dict | None, status: str, started: floa
         "groups_trained": int(state.get("trained", 0)),
         "groups_dropped_stale": int(state.get("dropped_stale", 0)),
         "groups_dropped_vote": int(state.get("dropped_vote", 0)),
+        "groups_skipped_zero_advantage": int(state.get("skipped_zero_advantage", 0)),
         "groups_deadlettered": int(state.get("deadlettered", 0)),
         "duplicate_groups": int(state.get("duplicates", 0)),
         "groups_in_flight": inflight,
@@ -162,7 +162,8 @@ def summarize(streams: Streams, rollout: dict | None, status: str, started: floa
     }
 
 
-def run(settings: Settings, out: Path, run_id: str | None = None) -> dict:
+def run(settings: Settings, out: Path, run_id: str | None = None, resume: bool = False) -> dict:
+    """`resume`: continue the run in `out` (same run_id) from its newest checkpoint."""
     started = time.monotonic()
     run_id = run_id or f"{settings.run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def run(settings: Settings, out: Path, run_id: str | None = None) -> dict:
         streams = Streams(connect(redis_url), run_id, resolved.streams)
         streams.ensure_groups()
         for name in SERVICES:
-            children.start(name, config_path, env)
+            children.start(name, config_path, env, ("--resume",) if resume and name == "learner" else ())
         log.info("run %s: services started, logs in %s", run_id, out / "logs")
         try:
             wait_learner(children, streams, resolved.learner.max_steps)

@@ -9,6 +9,7 @@
 | state             | hash   | learner: version, step, counters, status |
 | inflight          | hash   | learner: group_id -> admitted version, for admitted and not yet finished groups |
 | rollout:servers   | hash   | rollout servers: weight-sync address, version, heartbeat |
+| learner:replay    | list   | learner: scored groups trained since its last checkpoint, in training order |
 
 Consumers read with XREADGROUP, and a result is appended and its input acked *and deleted* in one
 MULTI/EXEC transaction, so a crash never loses an entry nor leaves a processed one pending. Entries
@@ -58,6 +59,7 @@ class RunKeys:
         self.prompts, self.groups, self.scored = p + "prompts", p + "groups", p + "scored"
         self.deadletter, self.state, self.inflight = p + "deadletter", p + "state", p + "inflight"
         self.servers = p + "rollout:servers"
+        self.replay = p + "learner:replay"
 
     def stream(self, name: str) -> str:
         if name not in CONSUMER_GROUPS and name != "deadletter":
@@ -167,9 +169,29 @@ class Streams:
             claimed = self._claim(stream, consumer, count)
             if claimed:
                 return self._screen(stream, claimed)
+        return self.read_new(stream, consumer, count, block_ms)
+
+    def read_new(self, stream: str, consumer: str, count: int, block_ms: int | None = None) -> list[Entry]:
+        """Entries never delivered before (blocking up to block_ms)."""
+        key, group = self.keys.stream(stream), CONSUMER_GROUPS[stream]
         block = self.cfg.block_ms if block_ms is None else block_ms
         reply = self.r.xreadgroup(group, consumer, {key: ">"}, count=count, block=block or None)
         return self._parse(reply)
+
+    def take_over_pending(self, stream: str, consumer: str, batch: int = 256) -> list[Entry]:
+        """Claim every delivered-but-unacked entry of the stream's group for `consumer`, oldest first.
+
+        For a stream with a single consumer (the learner): at start-up, whatever a previous instance
+        read and did not ack is its own unfinished work, whatever consumer name it ran under.
+        """
+        key, group = self.keys.stream(stream), CONSUMER_GROUPS[stream]
+        entries, start = [], "0-0"
+        while True:
+            reply = self.r.xautoclaim(key, group, consumer, min_idle_time=0, start_id=start, count=batch)
+            entries.extend(self._entry(eid, fields, True) for eid, fields in reply[1] if fields is not None)
+            start = reply[0]
+            if start in (b"0-0", "0-0"):
+                return entries
 
     def _claim(self, stream: str, consumer: str, count: int) -> list[Entry]:
         key, group = self.keys.stream(stream), CONSUMER_GROUPS[stream]

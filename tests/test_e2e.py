@@ -24,7 +24,8 @@ def test_run_trains_pushes_and_accounts_for_every_prompt(settings, tmp_path):
     assert summary["rollout_weights_sha256"] != summary["initial_weights_sha256"]
     # Every admitted prompt is trained or counted; nothing is left pending in any stream.
     assert summary["prompts_admitted"] == (summary["groups_trained"] + summary["groups_dropped_stale"]
-                                           + summary["groups_dropped_vote"] + summary["groups_deadlettered"]
+                                           + summary["groups_dropped_vote"] + summary["groups_skipped_zero_advantage"]
+                                           + summary["groups_deadlettered"]
                                            + summary["groups_in_flight"])
     assert summary["groups_trained"] == 3 * settings.learner.batch_groups
     assert summary["groups_in_flight"] == 0

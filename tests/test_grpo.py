@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmupt.services.learner.grpo import (LossConfig, aggregate, clipped_pg_loss, group_advantages, grpo_loss, k3_kl,
-                                         token_logprobs, truncated_is_weight)
+                                         token_logprobs, truncated_is_weight, zero_advantage)
 
 
 def test_group_advantage_uses_unbiased_std():
@@ -81,3 +81,46 @@ def test_full_loss_on_policy_reduces_to_policy_gradient():
     loss.backward()
     assert logp.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.25, 0.25])
     assert m["is_weight_mean"] == pytest.approx(1.0) and m["clip_frac"] == 0.0
+
+
+def test_clipped_and_dual_clipped_tokens_get_no_gradient():
+    ratio = torch.tensor([1.5, 1.0, 0.5, 5.0])
+    logp = ratio.log().requires_grad_(True)
+    loss, _ = clipped_pg_loss(logp, torch.zeros(4), torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.2, 0.3, 3.0)
+    loss.sum().backward()
+    # d(-A r)/d logp = -A r where the ratio is not clipped; 0 above 1 + clip_high for A > 0.
+    assert logp.grad.tolist() == pytest.approx([0.0, -1.0, -0.5, 0.0])
+    logp.grad = None
+    loss, stats = clipped_pg_loss(logp, torch.zeros(4), -torch.ones(4), 0.2, 0.3, 3.0)
+    loss.sum().backward()
+    # A < 0: clipped below 1 - clip_low (0.5 -> 0.8), dual-clipped at 3 (ratio 5): no gradient there.
+    assert loss.tolist() == pytest.approx([1.5, 1.0, 0.8, 3.0])
+    assert logp.grad.tolist() == pytest.approx([1.5, 1.0, 0.0, 0.0])
+    assert stats["dual_clipped"].tolist() == [0, 0, 0, 1]
+
+
+def test_decoupled_loss_takes_ratio_against_proximal_and_caps_the_behaviour_weight():
+    logp = torch.tensor([[math.log(1.2)]], requires_grad=True)
+    proximal = torch.zeros(1, 1)                    # pi_prox = 1 (relative)
+    behaviour = torch.tensor([[math.log(0.25)]])    # sampled by an older policy: pi_prox / pi_b = 4 > cap 2
+    loss, m = grpo_loss(logp, proximal, behaviour, None, torch.tensor([1.0]), torch.ones(1, 1),
+                        LossConfig(kl_coef=0.0, tis_cap=2.0))
+    assert loss.item() == pytest.approx(-2.0 * 1.2)  # weight 2 (capped) x -A x ratio 1.2 (inside the clip)
+    assert m["is_weight_mean"] == pytest.approx(2.0) and m["is_truncated_frac"] == 1.0
+    assert m["mismatch_kl"] == pytest.approx(math.log(0.25))
+
+
+def test_kl_term_and_sequence_mean_aggregation():
+    logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0]])
+    ref = torch.tensor([[-2.0, -1.0, 0.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    zero = torch.zeros(2)  # no advantage: only the KL term acts
+    loss, m = grpo_loss(logp, logp, logp, ref, zero, mask, LossConfig(kl_coef=0.5, aggregation="seq_mean"))
+    k3 = math.exp(-1) + 1 - 1  # first token of the first sequence; the others are 0
+    assert m["kl"] == pytest.approx((k3 / 2 + 0.0) / 2)
+    assert loss.item() == pytest.approx(0.5 * (k3 / 2) / 2)
+
+
+def test_zero_advantage_groups_are_recognised():
+    assert zero_advantage([1.0, 1.0, 1.0]) and zero_advantage([0.0, 0.0])
+    assert not zero_advantage([1.0, 0.0, 1.0])

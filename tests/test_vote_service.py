@@ -6,13 +6,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mmupt.cli import main as mmupt_main
-from mmupt.data import load_jsonl
-from mmupt.model import load_processor
-from mmupt.services.learner.main import Learner
 from mmupt.services.voter.grading import make_grader
 from mmupt.services.voter.main import Voter, vote_app
 from mmupt.streams import Streams, connect
 from mmupt.wire import GroupMsg, PromptMsg, Response, Sampling, ScoredMsg, decode, encode, pack_floats, pack_ids
+
+from learner_support import make_learner
 
 TIE = ["\\boxed{2}", "\\boxed{3}"]
 MAJORITY = ["\\boxed{2}", "\\boxed{2}"]
@@ -40,10 +39,8 @@ def test_dropped_groups_reach_the_learner_and_are_counted_not_trained(settings, 
     settings.voter.tie_policy = "drop"
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
-    # The learner's collection needs no engine or pusher: they only act when training.
-    learner = Learner(settings, streams, engine=None, processor=load_processor(settings.model), pusher=None,
-                      items=load_jsonl(settings.data.train))
-    learner.init_state()
+    learner = make_learner(settings)
+    learner.start()
     stop = threading.Event()
     admitted = learner.admit(stop)
     assert admitted == 4
@@ -61,11 +58,11 @@ def test_dropped_groups_reach_the_learner_and_are_counted_not_trained(settings, 
 
     for _ in range(4):
         learner.collect()
-    counts = learner.counters()
+    counts = learner.ledger.counters()
     assert counts["dropped_vote"] == 2 and len(learner.buffer) == 2
     assert all(s.vote.drop_reason is None for _, s in learner.buffer)
     assert counts["admitted"] == counts["trained"] + counts["dropped_stale"] + counts["dropped_vote"] \
-        + counts["deadlettered"] + counts["in_flight"]
+        + counts["skipped_zero_advantage"] + counts["deadlettered"] + counts["in_flight"]
     # dropped groups are acked and deleted; the two buffered ones wait for their training step
     assert streams.pending_counts()["scored"] == {"length": 2, "pending": 2}
 

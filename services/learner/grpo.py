@@ -17,6 +17,11 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (rewards - rewards.mean()) / (rewards.std(unbiased=True) + eps)
 
 
+def zero_advantage(rewards) -> bool:
+    """Every response got the same reward: the group has no policy-gradient signal (only KL acts)."""
+    return max(rewards) == min(rewards)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature): log-probs at the sampling temperature."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
