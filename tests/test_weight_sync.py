@@ -35,7 +35,7 @@ def test_full_push_changes_served_weights_bit_for_bit(server):
     assert result.ok and result.version == 1 and backend.version == 1
     for name, tensor in backend.state_dict().items():
         assert torch.equal(tensor, state[name]), name
-    assert servicer.serving_sha256() != servicer.initial_sha256
+    assert servicer.serving_checksum() != servicer.initial_checksum
     assert pusher.serving_version(address) == 1
 
 

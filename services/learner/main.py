@@ -22,7 +22,7 @@ from mmupt.wire import MalformedMessage, PromptMsg, ScoredMsg, decode, encode
 from . import metrics
 from .batch import BatchBuilder, BatchError
 from .engine import PolicyEngine
-from .weight_push import WeightPusher
+from .weight_push import WeightPusher, make_pusher
 
 log = logging.getLogger(__name__)
 COUNTERS = ("admitted", "trained", "dropped_stale", "duplicates", "deadlettered")
@@ -243,7 +243,7 @@ def run(settings: Settings) -> int:
     items = load_jsonl(settings.data.train)
     processor = load_processor(settings.model)
     engine = PolicyEngine(settings.model, settings.learner, settings.rollout.temperature)
-    pusher = WeightPusher(token, settings.run_id, settings.learner.push_chunk_bytes, settings.learner.push_timeout_s)
+    pusher = make_pusher(settings, token)
     learner = Learner(settings, streams, engine, processor, pusher, items)
     learner.init_state()
 

@@ -8,7 +8,7 @@ import logging
 import socket
 import time
 
-from mmupt.auth import require_token
+from mmupt.auth import require_token, server_credentials
 from mmupt.config import Settings
 from mmupt.images import ImageError, ImageStore, decode_image
 from mmupt.model import PromptError, build_messages, render_prompt
@@ -109,7 +109,7 @@ def run(settings: Settings) -> int:
     metrics.VERSION.set(backend.version)
     r = settings.rollout
     servicer = WeightSyncServicer(backend, token, settings.run_id)
-    grpc_server, grpc_port = start_server(servicer, r.host, r.grpc_port)
+    grpc_server, grpc_port = start_server(servicer, r.host, r.grpc_port, server_credentials(settings.auth))
     advertise = r.advertise_host or (socket.gethostname() if r.host == "0.0.0.0" else r.host)
     server_id = f"{advertise}:{grpc_port}"
     worker = RolloutWorker(settings, streams, backend, server_id)
@@ -118,8 +118,8 @@ def run(settings: Settings) -> int:
 
     @app.get("/v1/version")
     def version():
-        return {"version": backend.version, "sha256": servicer.serving_sha256(),
-                "initial_sha256": servicer.initial_sha256, "server_id": server_id}
+        return {"version": backend.version, "checksum": servicer.serving_checksum(),
+                "initial_checksum": servicer.initial_checksum, "server_id": server_id}
 
     def heartbeat() -> None:
         streams.register_server(server_id, {"grpc": server_id, "http": f"{advertise}:{r.http_port}",
@@ -134,5 +134,6 @@ def run(settings: Settings) -> int:
     def on_stop() -> None:
         streams.unregister_server(server_id)
         grpc_server.stop(grace=5)
+        servicer.close()
 
     return service.run_until_stopped(on_stop)
