@@ -97,9 +97,11 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
         if not self._stage_lock.acquire(timeout=-1 if remaining is None else max(0.0, remaining)):
             metrics.WEIGHT_PUSHES.labels("busy").inc()
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "another push was being staged until the deadline")
+        metrics.WEIGHT_TRANSFER_ACTIVE.set(1)
         try:
             yield
         finally:
+            metrics.WEIGHT_TRANSFER_ACTIVE.set(0)
             self._stage_lock.release()
 
     def _staging_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
