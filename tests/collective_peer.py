@@ -34,13 +34,13 @@ def main() -> None:
 
         def receive():
             holder["group"] = BroadcastGroup(store, group_id, int(rank), int(world_size), "gloo", timeout_s)
-            receive_flat(holder["group"], staged, bucket_bytes)
+            return receive_flat(holder["group"], staged, bucket_bytes)
 
         try:
-            run_with_deadline(receive, timeout_s, f"round {group_id}",
-                              lambda: holder["group"].abort() if "group" in holder else None)
-            staged.finish()
-            print(f"ok {manifest.checksum}", flush=True)
+            checksum = run_with_deadline(receive, timeout_s, f"round {group_id}",
+                                         lambda: holder["group"].abort() if "group" in holder else None)
+            staged.finish(checksum)
+            print(f"ok {checksum}", flush=True)
         except (CollectiveError, WeightSyncError) as exc:
             print("error " + str(exc)[:200].replace("\n", " "), flush=True)
             if "group" in holder:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmupt.collective import BroadcastGroup, DeadlineExceeded, run_with_deadline, send_flat, start_store
+from mmupt.collective import (DIRECT_MIN_BYTES, BroadcastGroup, DeadlineExceeded, PackBuffers, broadcast_plan,
+                              run_with_deadline, send_flat, start_store)
 from mmupt.services.learner import metrics
 from mmupt.services.learner.weight_push import CollectivePusher
 from mmupt.weights import build_manifest, flat_offsets
@@ -107,6 +108,27 @@ def assert_serves(receiver, state, tmp_path, cast=None):
     for name, tensor in state.items():
         want = tensor.to(cast).to(tensor.dtype) if cast is not None and tensor.is_floating_point() else tensor
         assert torch.equal(served[name], want), name
+
+
+def test_broadcast_plan_covers_every_byte_once_with_big_tensors_in_place():
+    direct, bucket = DIRECT_MIN_BYTES, 16 * DIRECT_MIN_BYTES
+    sizes = {"small1": 1000, "big": 3 * bucket + 5, "empty": 0, "small2": direct // 2, "small3": direct // 4,
+             "mid": direct, "small4": 100, "tail": 8}
+    state = {name: torch.zeros(n, dtype=torch.uint8) for name, n in sizes.items()}
+    manifest, _ = build_manifest(state, 1, RUN)
+    offsets, flat_bytes = flat_offsets(manifest.tensors)
+    plan = broadcast_plan(manifest.tensors, bucket)
+    assert all(op.end - op.start <= bucket for op in plan)
+    assert all(a.end <= b.start for a, b in zip(plan, plan[1:]))  # in layout order, no overlap
+    for index, spec in enumerate(manifest.tensors):  # every tensor byte is in exactly one broadcast
+        lo, hi = offsets[index], offsets[index] + spec.nbytes
+        covered = sum(min(hi, op.end) - max(lo, op.start) for op in plan if op.start < hi and op.end > lo)
+        assert covered == spec.nbytes, spec.name
+    names = list(sizes)
+    in_place = [names[op.tensor] for op in plan if op.tensor is not None]
+    assert in_place == ["big"] * 4 + ["mid"]  # big ones straight from their memory, the biggest in 4 pieces
+    assert len(plan) - len(in_place) == 3  # packed: small1 | small2 + small3 | small4 + tail
+    assert plan[-1].end <= flat_bytes
 
 
 def test_broadcast_reaches_both_receivers_bit_for_bit_and_keeps_the_group(receivers, pusher, base_state, tmp_path):
@@ -203,15 +225,14 @@ def test_a_peer_hung_mid_broadcast_fails_the_sync_at_the_deadline(tmp_path):
     peer = [sys.executable, str(HERE / "collective_peer.py"), str(store.port), str(manifest_file), str(bucket), "6"]
     healthy = subprocess.Popen(peer + ["g1:1:3", "g2:1:2"], stdout=subprocess.PIPE, text=True)
     hung = subprocess.Popen(peer + ["g1:2:3:hang"], stdout=subprocess.PIPE, text=True)
-    offsets, flat_bytes = flat_offsets(manifest.tensors)
-    buffers = [torch.empty(bucket, dtype=torch.uint8) for _ in range(2)]
+    buffers = PackBuffers(torch.device("cpu"))
     try:
         assert healthy.stdout.readline().strip() == "ready" and hung.stdout.readline().strip() == "ready"
         live = {}
 
         def broadcast(group_id, world_size):
             live["group"] = BroadcastGroup(store, group_id, 0, world_size, "gloo", 30)
-            send_flat(live["group"], payload, offsets, flat_bytes, bucket, buffers)
+            send_flat(live["group"], payload, manifest.tensors, bucket, buffers)
 
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
@@ -222,9 +243,9 @@ def test_a_peer_hung_mid_broadcast_fails_the_sync_at_the_deadline(tmp_path):
         assert healthy.stdout.readline().startswith("error")  # it gave up at its own deadline
 
         # A fresh group without the hung peer works, with fresh buffers (the old ones may still be in use).
-        buffers = [torch.empty(bucket, dtype=torch.uint8) for _ in range(2)]
+        buffers = PackBuffers(torch.device("cpu"))
         run_with_deadline(lambda: broadcast("g2", 2), 20.0, "broadcast")
-        assert healthy.stdout.readline().split() == ["ok", manifest.checksum]
+        assert healthy.stdout.readline().split() == ["ok", manifest.checksum]  # verified against what was sent
     finally:
         for proc in (healthy, hung):
             proc.kill()

@@ -21,7 +21,7 @@ from mmupt.services.learner.weight_push import WeightPusher
 from mmupt.services.rollout import metrics as rollout_metrics
 from mmupt.services.rollout.hf_backend import TransformersBackend
 from mmupt.services.rollout.weight_server import WeightSyncServicer, start_server
-from mmupt.weights import build_manifest, push_messages
+from mmupt.weights import build_manifest, encoded_push, push_messages
 
 TOKEN, RUN = "s3cret", "run-a"
 HERE = Path(__file__).parent
@@ -47,6 +47,14 @@ def snapshot(backend):
 
 def serves(backend, state) -> bool:
     return all(torch.equal(tensor, state[name]) for name, tensor in backend.state_dict().items())
+
+
+@pytest.mark.parametrize("chunk_bytes", [4096, 300_000])
+def test_encoded_push_is_the_protobuf_encoding_of_push_messages(chunk_bytes):
+    state = {"big": torch.randn(400_000), "empty": torch.empty(0, 4), "ids": torch.arange(10), "one": torch.ones(())}
+    manifest, payload = build_manifest(state, 7, RUN)
+    encoded = list(encoded_push(manifest, payload, chunk_bytes))
+    assert [pb.PushMessage.FromString(b) for b in encoded] == list(push_messages(manifest, payload, chunk_bytes))
 
 
 def test_full_push_changes_served_weights_bit_for_bit(server):
@@ -113,7 +121,10 @@ def test_truncated_push_leaves_last_good_version(server):
 def test_push_killed_mid_stream_leaves_last_good_version(server, tiny_model_dir):
     backend, _, address = server
     before = snapshot(backend)
-    broken = rollout_metrics.WEIGHT_PUSHES.labels("broken")._value.get()
+    def refused():  # a dead pusher shows as a broken stream, or (if gRPC sees a clean end first) a short one
+        return sum(rollout_metrics.WEIGHT_PUSHES.labels(o)._value.get() for o in ("broken", "invalid"))
+
+    before_refused = refused()
     pusher = subprocess.Popen([sys.executable, str(HERE / "slow_pusher.py"), address, TOKEN, RUN,
                                str(tiny_model_dir), "1"], stdout=subprocess.PIPE, text=True)
     try:
@@ -125,9 +136,10 @@ def test_push_killed_mid_stream_leaves_last_good_version(server, tiny_model_dir)
         pusher.send_signal(signal.SIGKILL)  # the learner dies mid-push
         pusher.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while rollout_metrics.WEIGHT_PUSHES.labels("broken")._value.get() == broken:
+        while rollout_metrics.WEIGHT_TRANSFER_ACTIVE._value.get():
             assert time.monotonic() < deadline, "the server did not notice the broken stream"
             time.sleep(0.05)
+        assert refused() == before_refused + 1
     finally:
         pusher.kill()
     assert backend.version == 0 and serves(backend, before)

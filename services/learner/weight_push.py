@@ -12,6 +12,7 @@ metrics, and the caller's cold sync tries again later. Training is never blocked
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -27,9 +28,10 @@ import torch
 from mmupt._proto import weights_pb2 as pb
 from mmupt._proto import weights_pb2_grpc as pb_grpc
 from mmupt.auth import channel_credentials
-from mmupt.collective import BroadcastGroup, CollectiveError, resolve_backend, run_with_deadline, send_flat, start_store
+from mmupt.collective import (BroadcastGroup, CollectiveError, PackBuffers, resolve_backend, run_with_deadline, send_flat,
+                              start_store)
 from mmupt.config import Settings
-from mmupt.weights import build_manifest, flat_offsets, push_messages
+from mmupt.weights import build_manifest, encoded_push
 
 from . import metrics
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 # Refusals that a retry cannot change (wrong token, a manifest that does not fit, another run or an older version).
 PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['WeightSync'].full_name}/Push"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class PushResult:
     detail: str = ""          # why it failed
     attempts: int = 1
     retryable: bool = True
+    stage_seconds: float = 0.0  # the server's time to receive and verify (its clock)
+    swap_seconds: float = 0.0   # the server's swap, including the wait for its generation batch
 
 
 def _failure(server: str, exc: grpc.RpcError, attempts: int = 1) -> PushResult:
@@ -75,6 +80,14 @@ class Channels:
                     grpc.secure_channel(address, self._credentials, options=self._options) if self._credentials
                     else grpc.insecure_channel(address, options=self._options))
             return pb_grpc.WeightSyncStub(self._channels[address])
+
+    def push_call(self, address: str):
+        """WeightSync.Push taking already-serialized messages (see mmupt.weights.encoded_push)."""
+        self.stub(address)  # opens the channel
+        with self._lock:
+            channel = self._channels[address]
+        return channel.stream_unary(PUSH_METHOD, request_serializer=None,
+                                    response_deserializer=pb.PushReply.FromString)
 
     def serving_version(self, address: str, timeout_s: float = 10.0) -> int:
         return self.stub(address).GetVersion(pb.VersionRequest(), timeout=timeout_s, metadata=self.metadata).version
@@ -149,9 +162,10 @@ class WeightPusher(_PusherBase):
             if attempt:
                 metrics.PUSH_RETRIES.labels(address).inc()
             try:
-                reply = self.channels.stub(address).Push(push_messages(manifest, payload, self.chunk_bytes),
+                reply = self.channels.push_call(address)(encoded_push(manifest, payload, self.chunk_bytes),
                                                          timeout=remaining, metadata=self.channels.metadata)
-                return PushResult(address, True, reply.version, attempts=attempt + 1)
+                return PushResult(address, True, reply.version, attempts=attempt + 1,
+                                  stage_seconds=reply.stage_seconds, swap_seconds=reply.swap_seconds)
             except grpc.RpcError as exc:
                 result = _failure(address, exc, attempt + 1)
                 if not result.retryable:
@@ -183,7 +197,7 @@ class CollectivePusher(_PusherBase):
         self.store_port = self.store.port
         self.suspects: set[str] = set()
         self._groups: dict[tuple[str, ...], BroadcastGroup] = {}
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: PackBuffers | None = None
 
     def group_id(self, members: list[str]) -> str | None:
         """The id of the live group of exactly these members, if one is kept."""
@@ -195,7 +209,8 @@ class CollectivePusher(_PusherBase):
             return []
         started = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
-        manifest, payload = build_manifest(state, version, self.run_id, self.wire_dtype)
+        # No checksum pass up front: send_flat computes it while sending and broadcasts it last.
+        manifest, payload = build_manifest(state, version, self.run_id, self.wire_dtype, checksum=False)
         results: dict[str, PushResult] = {}
         pending = sorted(set(addresses))
         for attempt in range(self.retries + 1):
@@ -209,8 +224,7 @@ class CollectivePusher(_PusherBase):
             for batch in ([a for a in pending if a not in self.suspects], [a for a in pending if a in self.suspects]):
                 if batch and deadline - time.monotonic() > 0:
                     outcome.update(self._attempt(manifest, payload, batch, deadline))
-            results.update({a: PushResult(a, r.ok, r.version, r.detail, attempt + 1, r.retryable)
-                            for a, r in outcome.items()})
+            results.update({a: dataclasses.replace(r, attempts=attempt + 1) for a, r in outcome.items()})
             pending = [a for a, r in outcome.items() if not r.ok and r.retryable]
         ordered = [results.get(a) or PushResult(a, False, -1, "DEADLINE_EXCEEDED: no time left", 0)
                    for a in addresses]
@@ -260,8 +274,7 @@ class CollectivePusher(_PusherBase):
 
         def send():
             live["group"] = group or BroadcastGroup(self.store, group_id, 0, world_size, self.backend, self.timeout_s)
-            offsets, flat_bytes = flat_offsets(manifest.tensors)
-            send_flat(live["group"], payload, offsets, flat_bytes, self.bucket_bytes, self._bucket_buffers(live["group"].device))
+            send_flat(live["group"], payload, manifest.tensors, self.bucket_bytes, self._pack_buffers(live["group"].device))
             return live["group"]
 
         def abort():
@@ -274,7 +287,7 @@ class CollectivePusher(_PusherBase):
         except CollectiveError as exc:
             abort()
             self._groups.pop(key, None)
-            self._buffers = []  # an abandoned broadcast may still be packing into them
+            self._buffers = None  # an abandoned broadcast may still be packing into them
             failure = str(exc)
         results = self._replies(replies, deadline, failure)
         if not all(r.ok for r in results.values()):
@@ -289,7 +302,8 @@ class CollectivePusher(_PusherBase):
         for address, future in replies.items():
             try:
                 reply = future.result(timeout=max(0.0, wait_until - time.monotonic()))
-                results[address] = PushResult(address, True, reply.version)
+                results[address] = PushResult(address, True, reply.version, stage_seconds=reply.stage_seconds,
+                                              swap_seconds=reply.swap_seconds)
                 self.suspects.discard(address)
             except grpc.RpcError as exc:  # it answered, so it is not hung (even if the broadcast failed)
                 results[address] = PushResult(address, False, -1, f"UNAVAILABLE: {failure}") if failure \
@@ -301,10 +315,9 @@ class CollectivePusher(_PusherBase):
                 self.suspects.add(address)
         return results
 
-    def _bucket_buffers(self, device: torch.device) -> list[torch.Tensor]:
-        """Two reused bucket buffers (a fresh allocation costs page faults on every push)."""
-        if len(self._buffers) != 2 or self._buffers[0].device != device or self._buffers[0].numel() < self.bucket_bytes:
-            self._buffers = [torch.empty(self.bucket_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+    def _pack_buffers(self, device: torch.device) -> PackBuffers:
+        if self._buffers is None or self._buffers.device != device:
+            self._buffers = PackBuffers(device)
         return self._buffers
 
     def _drop_groups_with(self, members: list[str]) -> None:

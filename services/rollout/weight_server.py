@@ -112,7 +112,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             self._staging = torch.empty(nbytes, dtype=torch.uint8)
         return self._staging
 
-    def _swap(self, manifest: pb.Manifest, state: dict[str, torch.Tensor], started: float, context) -> pb.PushReply:
+    def _swap(self, manifest: pb.Manifest, state: dict[str, torch.Tensor], checksum: str, started: float,
+              context) -> pb.PushReply:
         stage_s = time.perf_counter() - started
         swap_started = time.perf_counter()
         if not self.backend.swap_weights(state, manifest.version):
@@ -121,13 +122,13 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                                   f"{self.backend.version}"))
         swap_s = time.perf_counter() - swap_started
         with self._checksum_lock:
-            self._checksum = manifest.checksum
+            self._checksum = checksum
         metrics.SWAP_SECONDS.observe(swap_s)
         metrics.WEIGHT_PUSHES.labels("ok").inc()
         metrics.VERSION.set(manifest.version)
         log.info("now serving version %d (%d bytes staged in %.2fs, swapped in %.2fs)", manifest.version,
                  manifest.total_bytes, stage_s, swap_s)
-        return pb.PushReply(version=manifest.version, swapped=True, checksum=manifest.checksum,
+        return pb.PushReply(version=manifest.version, swapped=True, checksum=checksum,
                             stage_seconds=stage_s, swap_seconds=swap_s)
 
     # ---- gRPC path --------------------------------------------------------------------------------
@@ -155,12 +156,17 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                     staged.add(message.chunk)
                 state = staged.finish()
             except WeightSyncError as exc:
-                self._abort(context, (grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc)))
-            except grpc.RpcError:  # the pusher went away mid-stream: nothing was swapped
-                log.warning("push of version %d broke off; still serving version %d", manifest.version,
-                            self.backend.version)
-                self._abort(context, (grpc.StatusCode.CANCELLED, "broken", "the push stream broke off"))
-            return self._swap(manifest, state, started, context)
+                if context.is_active():
+                    self._abort(context, (grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc)))
+                self._broke_off(manifest, context)
+            except grpc.RpcError:
+                self._broke_off(manifest, context)
+            return self._swap(manifest, state, manifest.checksum, started, context)
+
+    def _broke_off(self, manifest: pb.Manifest, context) -> None:
+        """The pusher went away mid-stream (its iterator failed or just ended): nothing was swapped."""
+        log.warning("push of version %d broke off; still serving version %d", manifest.version, self.backend.version)
+        self._abort(context, (grpc.StatusCode.CANCELLED, "broken", "the push stream broke off"))
 
     # ---- collective path ----------------------------------------------------------------------------
     def Prepare(self, manifest, context):
@@ -201,17 +207,16 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             device = torch.device("cpu") if group.backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
             staged = StagedPush(manifest, self._staging_buffer(flat_bytes, device)) if fits else None
 
-            def transfer():
+            def transfer() -> str | None:
                 member = self.membership.join(group.store_host, group.store_port, group.group_id, group.rank,
                                               group.world_size, group.backend, request.timeout_s)
                 if staged is None:
-                    drain_flat(member, flat_bytes, request.bucket_bytes)
-                else:
-                    receive_flat(member, staged, request.bucket_bytes)
+                    return drain_flat(member, manifest.tensors, request.bucket_bytes)
+                return receive_flat(member, staged, request.bucket_bytes)
 
             try:
-                run_with_deadline(transfer, request.timeout_s, f"receive of version {manifest.version}",
-                                  on_timeout=self.membership.drop)
+                checksum = run_with_deadline(transfer, request.timeout_s, f"receive of version {manifest.version}",
+                                             on_timeout=self.membership.drop)
             except CollectiveError as exc:
                 self.membership.drop()
                 if staged is not None and device.type == "cpu":
@@ -222,10 +227,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             if staged is None:
                 return self._refuse_drained(manifest, context)
             try:
-                state = staged.finish()
+                state = staged.finish(checksum)
             except WeightSyncError as exc:
                 self._abort(context, (grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc)))
-            return self._swap(manifest, state, started, context)
+            return self._swap(manifest, state, checksum, started, context)
 
     def _refuse_drained(self, manifest: pb.Manifest, context) -> pb.PushReply:
         """The answer for a version drained rather than staged: the same checks as a gRPC push."""
