@@ -15,7 +15,9 @@ process (the learner side) measure, round after round, interleaved so that both 
 
 "transfer" excludes the receiver's swap (a memory copy into the model, reported apart); "end to end"
 includes it. The first push of each path pays the receiver's first-touch of its staging buffer and is
-reported apart as "cold". Figures: median over the rounds; the ratio is taken per round, then the median.
+reported apart as "cold". Each push is bracketed by two ceiling measurements (their mean is its
+ceiling), so that both see the same load on a shared machine; the ratio is taken per push, and the
+figures are medians over the rounds.
 Writes bench/results/weight_sync.json and .png.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from mmupt.services.rollout.weight_server import MAX_MESSAGE_BYTES, WeightSyncSe
 from mmupt.weights import DTYPE_NAMES
 
 TOKEN, RUN = "bench-token", "bench"
-RAW_SINK, RAW_BROADCAST = "/bench.Raw/Sink", "/bench.Raw/Broadcast"
+RAW_SINK, RAW_BROADCAST, RAW_CPU = "/bench.Raw/Sink", "/bench.Raw/Broadcast", "/bench.Raw/Cpu"
 OUT = Path(__file__).parent / "results"
 
 
@@ -117,6 +119,7 @@ def serve(total_bytes: int) -> None:
     handler = grpc.method_handlers_generic_handler("bench.Raw", {
         "Sink": grpc.stream_unary_rpc_method_handler(sink, identity, identity),
         "Broadcast": grpc.unary_unary_rpc_method_handler(broadcast, identity, identity),
+        "Cpu": grpc.unary_unary_rpc_method_handler(lambda r, c: str(time.process_time()).encode(), identity, identity),
     })
     raw_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
@@ -192,7 +195,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=1.0, help="state dict size in GB (fp32)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk-bytes", type=int, default=256 * 1024)
     parser.add_argument("--bucket-bytes", type=int, default=256 * 1024 * 1024)
     parser.add_argument("--wire-dtype", choices=sorted(set(DTYPE_NAMES.values()) & {"bfloat16", "float16"}))
@@ -223,10 +226,11 @@ def run(bench: Bench, args) -> None:
     rows = []
     started = time.monotonic()
     for r in range(args.rounds):
-        row = {"grpc_ceiling": bench.grpc_ceiling()}
-        row["grpc_push"], row["grpc_swap"] = bench.push(bench.grpc)
-        row["gloo_ceiling"] = bench.gloo_ceiling()
-        row["gloo_push"], row["gloo_swap"] = bench.push(bench.gloo)
+        row = {}
+        for path, ceiling, pusher in (("grpc", bench.grpc_ceiling, bench.grpc), ("gloo", bench.gloo_ceiling, bench.gloo)):
+            before = ceiling()
+            row[f"{path}_push"], row[f"{path}_swap"] = bench.push(pusher)
+            row[f"{path}_ceiling"] = (before + ceiling()) / 2  # bracketing the push: the same load
         rows.append(row)
         done = r + 1
         eta = (time.monotonic() - started) / done * (args.rounds - done)

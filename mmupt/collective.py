@@ -16,17 +16,20 @@ Control plane (the authenticated gRPC WeightSync service, see proto/weights.prot
   checksum is not in this manifest: the root computes it while sending and broadcasts it last. A member keeps its group while the group id stays the same, so a
   steady set of servers rendezvouses once; a new set gets a new id and a new group.
 - Death: collectives block (NCCL ones forever), so each side runs them on a worker thread and its
-  control side gives up at the deadline (`run_with_deadline`): the group is aborted and dropped on
-  every side, members keep their last good version (nothing is swapped before the bytes verify),
-  and the learner retries the failed servers with a fresh group. A gloo op that was abandoned ends
-  by itself at the group's timeout, set to the same deadline; the staging buffer it might still
-  write to is never reused.
+  control side gives up at the deadline (`run_with_deadline`). When the learner gives up, it calls
+  off the members' Receive calls, which makes them give up too (aborting a group does not reach the
+  other ranks); the group is dropped on every side, members keep their last good version (nothing is
+  swapped before the bytes verify), and the learner retries the failed servers with a fresh group.
+  A failed member that does not even answer a version query is a suspect: it is synced in a group of
+  its own from then on, until it succeeds. A gloo op that was abandoned ends by itself at the group's
+  timeout, set to the same deadline; the staging buffer it might still write to is never reused.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,11 +61,12 @@ class DeadlineExceeded(CollectiveError):
 
 
 def run_with_deadline(job: Callable[[], object], timeout_s: float, what: str,
-                      on_timeout: Callable[[], None] | None = None):
+                      on_timeout: Callable[[], None] | None = None, cancelled: threading.Event | None = None):
     """Run `job` on a worker thread and wait at most `timeout_s` for it, from this (control) thread.
 
-    On timeout `on_timeout` runs (abort the group) and DeadlineExceeded is raised; the worker is a
-    daemon thread left to end when its collective fails.
+    On timeout, or when `cancelled` is set, `on_timeout` runs (abort the group) and the wait ends
+    (DeadlineExceeded, CollectiveError); the worker is a daemon thread left to end when its
+    collective fails.
     """
     outcome: dict[str, object] = {}
 
@@ -74,11 +78,16 @@ def run_with_deadline(job: Callable[[], object], timeout_s: float, what: str,
 
     worker = threading.Thread(target=work, name=f"collective-{what}", daemon=True)
     worker.start()
-    worker.join(max(0.0, timeout_s))
-    if worker.is_alive():
-        if on_timeout is not None:
-            on_timeout()
-        raise DeadlineExceeded(f"{what} did not finish within {timeout_s:.1f}s")
+    deadline = time.monotonic() + timeout_s
+    while worker.is_alive():
+        left = deadline - time.monotonic()
+        if left <= 0 or (cancelled is not None and cancelled.is_set()):
+            if on_timeout is not None:
+                on_timeout()
+            if left <= 0:
+                raise DeadlineExceeded(f"{what} did not finish within {timeout_s:.1f}s")
+            raise CollectiveError(f"{what} was called off")
+        worker.join(min(left, 0.05))
     if "error" in outcome:
         error = outcome["error"]
         if isinstance(error, CollectiveError):

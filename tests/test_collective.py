@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +21,8 @@ from mmupt.collective import (DIRECT_MIN_BYTES, BroadcastGroup, DeadlineExceeded
                               run_with_deadline, send_flat, start_store)
 from mmupt.services.learner import metrics
 from mmupt.services.learner.weight_push import CollectivePusher
-from mmupt.weights import build_manifest, flat_offsets
+from mmupt._proto import weights_pb2_grpc as pb_grpc
+from mmupt.weights import build_manifest, flat_offsets, push_messages
 
 TOKEN, RUN = "s3cret", "run-c"
 HERE = Path(__file__).parent
@@ -209,6 +212,52 @@ def test_a_stopped_receiver_does_not_hold_back_the_other_and_catches_up(receiver
     state = perturbed(base_state, 0.05)
     assert all(r.ok for r in pusher.push(state, version, addresses))
     assert stuck.address not in pusher.suspects
+    for receiver in receivers:
+        assert_serves(receiver, state, tmp_path)
+
+
+def test_a_receiver_that_hangs_after_accepting_is_isolated_and_catches_up(receivers, pusher, base_state, tmp_path):
+    """It accepts the version (Prepare), then hangs before taking part: the learner gives up at the
+    deadline, the receiver becomes a suspect, and the next version reaches both."""
+    healthy, stuck = receivers
+    addresses = [healthy.address, stuck.address]
+    # Hold the stuck receiver's staging buffer with a gRPC push that stalls after its manifest, so that
+    # its Receive waits; then stop the process, so that it cannot even answer.
+    manifest, payload = build_manifest(perturbed(base_state, 0.5), Versions.next(), RUN)
+    release = threading.Event()
+
+    def stalled():
+        messages = push_messages(manifest, payload, 4096)
+        yield next(messages)
+        yield next(messages)
+        release.wait(60)
+
+    stub = pb_grpc.WeightSyncStub(grpc.insecure_channel(stuck.address))
+    holding = stub.Push.future(stalled(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
+    time.sleep(2)
+    version, state = Versions.next(), perturbed(base_state, 0.06)
+    pusher.timeout_s = 4
+    outcome = {}
+    push = threading.Thread(target=lambda: outcome.update(results=pusher.push(state, version, addresses)))
+    try:
+        started = time.monotonic()
+        push.start()
+        time.sleep(2)
+        os.kill(stuck.proc.pid, signal.SIGSTOP)
+        release.set()
+        push.join(30)
+        assert time.monotonic() - started < pusher.timeout_s + 3  # the learner was not held up
+    finally:
+        os.kill(stuck.proc.pid, signal.SIGCONT)
+        pusher.timeout_s = 20
+    by_server = {r.server: r for r in outcome["results"]}
+    assert not by_server[stuck.address].ok and "DEADLINE_EXCEEDED" in by_server[stuck.address].detail
+    assert stuck.address in pusher.suspects and healthy.address not in pusher.suspects
+    with pytest.raises(grpc.RpcError):
+        holding.result(timeout=30)  # the stalled push was refused (it ended early), nothing swapped
+    version, state = Versions.next(), perturbed(base_state, 0.07)
+    assert all(r.ok for r in pusher.push(state, version, addresses))
+    assert not pusher.suspects
     for receiver in receivers:
         assert_serves(receiver, state, tmp_path)
 

@@ -20,8 +20,9 @@ from mmupt.services.learner import metrics as learner_metrics
 from mmupt.services.learner.weight_push import WeightPusher
 from mmupt.services.rollout import metrics as rollout_metrics
 from mmupt.services.rollout.hf_backend import TransformersBackend
-from mmupt.services.rollout.weight_server import WeightSyncServicer, start_server
-from mmupt.weights import build_manifest, encoded_push, push_messages
+from mmupt.services.rollout.weight_server import WeightSyncServicer, method_handlers, start_server
+from mmupt.weights import (ChunkView, WeightSyncError, build_manifest, decode_push_message, encoded_push,
+                           push_messages)
 
 TOKEN, RUN = "s3cret", "run-a"
 HERE = Path(__file__).parent
@@ -55,6 +56,30 @@ def test_encoded_push_is_the_protobuf_encoding_of_push_messages(chunk_bytes):
     manifest, payload = build_manifest(state, 7, RUN)
     encoded = list(encoded_push(manifest, payload, chunk_bytes))
     assert [pb.PushMessage.FromString(b) for b in encoded] == list(push_messages(manifest, payload, chunk_bytes))
+
+
+def test_the_servers_decoder_reads_what_protobuf_writes():
+    state = {"big": torch.randn(5000), "empty": torch.empty(0), "ids": torch.arange(10)}
+    manifest, payload = build_manifest(state, 3, RUN)
+    messages = list(push_messages(manifest, payload, 4096))
+    assert decode_push_message(messages[0].SerializeToString()) == manifest
+    for message in messages[1:]:
+        chunk = message.chunk
+        assert decode_push_message(message.SerializeToString()) == ChunkView(chunk.name, chunk.offset, chunk.data)
+    # Any field order and unknown fields (varint, fixed32, length-delimited) are fine, as for protobuf.
+    body = b"\x1a\x03abc" + b"\x28\x07" + b"\x35\x00\x00\x00\x00" + b"\x10\x80\x20" + b"\x0a\x01w" + b"\x3a\x01z"
+    raw = b"\x12" + bytes([len(body)]) + body
+    parsed = pb.PushMessage.FromString(raw).chunk
+    assert (parsed.name, parsed.offset, parsed.data) == ("w", 4096, b"abc")
+    assert decode_push_message(raw) == ChunkView("w", 4096, b"abc")
+    for bad in (b"", raw[:-1], raw + raw, b"\x12\x05ab"):  # empty, truncated, two chunks, too short
+        with pytest.raises(WeightSyncError, match="malformed"):
+            decode_push_message(bad)
+
+
+def test_every_rpc_of_the_service_is_served(server):
+    _, servicer, _ = server
+    assert set(method_handlers(servicer)) == set(pb.DESCRIPTOR.services_by_name["WeightSync"].methods_by_name)
 
 
 def test_full_push_changes_served_weights_bit_for_bit(server):

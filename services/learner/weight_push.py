@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import grpc
@@ -40,6 +39,8 @@ log = logging.getLogger(__name__)
 PERMANENT = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PUSH_METHOD = f"/{pb.DESCRIPTOR.services_by_name['WeightSync'].full_name}/Push"
+MIN_BROADCAST_S = 0.5
+REPLY_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -262,14 +263,17 @@ class CollectivePusher(_PusherBase):
         group_id = group.group_id if group else uuid.uuid4().hex
         world_size = len(members) + 1
         remaining = deadline - time.monotonic()
+        if remaining < MIN_BROADCAST_S:  # Prepare took what was left: do not start what cannot finish
+            return {a: PushResult(a, False, -1, "DEADLINE_EXCEEDED: no time left to broadcast") for a in members}
         replies = {}
         for rank, address in enumerate(members, start=1):
             request = pb.ReceiveRequest(
                 manifest=manifest, bucket_bytes=self.bucket_bytes, timeout_s=remaining,
                 group=pb.GroupInfo(store_host=self.store_host, store_port=self.store_port, group_id=group_id,
                                    rank=rank, world_size=world_size, backend=self.backend))
+            # A member gives up at `remaining`; its answer (after its swap, or its failure) gets a grace.
             replies[address] = self.channels.stub(address).Receive.future(
-                request, timeout=remaining, metadata=self.channels.metadata)
+                request, timeout=remaining + REPLY_GRACE_S, metadata=self.channels.metadata)
         live = {}
 
         def send():
@@ -295,25 +299,39 @@ class CollectivePusher(_PusherBase):
         return results
 
     def _replies(self, replies: dict, deadline: float, failure: str | None) -> dict[str, PushResult]:
-        """Each member's answer. After a failed broadcast, members get a moment to report; those that
-        cannot answer even then are the suspects."""
+        """Each member's answer. After a failed broadcast the members still waiting are called off
+        (cancelling their Receive makes them give up); failed members that do not even answer a
+        version query become suspects."""
         results = {}
-        wait_until = time.monotonic() + 1.0 if failure else deadline + 0.5  # + the member's swap
         for address, future in replies.items():
             try:
-                reply = future.result(timeout=max(0.0, wait_until - time.monotonic()))
+                if failure is not None and not future.done():
+                    future.cancel()
+                    raise grpc.FutureTimeoutError()
+                reply = future.result(timeout=max(0.0, deadline + REPLY_GRACE_S - time.monotonic()))
                 results[address] = PushResult(address, True, reply.version, stage_seconds=reply.stage_seconds,
                                               swap_seconds=reply.swap_seconds)
-                self.suspects.discard(address)
-            except grpc.RpcError as exc:  # it answered, so it is not hung (even if the broadcast failed)
-                results[address] = PushResult(address, False, -1, f"UNAVAILABLE: {failure}") if failure \
-                    else _failure(address, exc)
-                self.suspects.discard(address)
-            except FutureTimeout:
+            except grpc.RpcError as exc:
+                results[address] = _failure(address, exc) if failure is None else \
+                    PushResult(address, False, -1, f"UNAVAILABLE: {failure}")
+            except grpc.FutureTimeoutError:
                 future.cancel()
-                results[address] = PushResult(address, False, -1, f"DEADLINE_EXCEEDED: {failure or 'no reply'}")
+                results[address] = PushResult(address, False, -1, f"UNAVAILABLE: {failure or 'no reply in time'}")
+        failed = [a for a, r in results.items() if not r.ok]
+        for address, answers in zip(failed, self._pool.map(self._answers, failed)):
+            if not answers:
+                results[address] = dataclasses.replace(results[address], detail="DEADLINE_EXCEEDED: not answering; "
+                                                       + results[address].detail)
                 self.suspects.add(address)
+        self.suspects.difference_update(a for a, r in results.items() if r.ok)
         return results
+
+    def _answers(self, address: str) -> bool:
+        try:
+            self.channels.serving_version(address, timeout_s=self.prepare_timeout_s)
+            return True
+        except grpc.RpcError:
+            return False
 
     def _pack_buffers(self, device: torch.device) -> PackBuffers:
         if self._buffers is None or self._buffers.device != device:

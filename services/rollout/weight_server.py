@@ -25,7 +25,8 @@ from mmupt._proto import weights_pb2 as pb
 from mmupt._proto import weights_pb2_grpc as pb_grpc
 from mmupt.auth import bearer_ok
 from mmupt.collective import CollectiveError, GroupMembership, drain_flat, receive_flat, run_with_deadline
-from mmupt.weights import StagedPush, WeightSyncError, check_manifest, flat_offsets, state_checksum
+from mmupt.weights import (ChunkView, StagedPush, WeightSyncError, check_manifest, decode_push_message, flat_offsets,
+                           state_checksum)
 
 from . import metrics
 
@@ -135,10 +136,12 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
     def Push(self, request_iterator, context):
         self._authorize(context)
         started = time.perf_counter()
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "manifest":
+        try:
+            manifest = decode_push_message(next(request_iterator, b""))
+        except WeightSyncError:
+            manifest = None
+        if not isinstance(manifest, pb.Manifest):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a push must start with its manifest")
-        manifest = first.manifest
         done = self._admit(manifest, context)
         if done is not None:
             return done
@@ -150,10 +153,11 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 check_manifest(manifest, self.backend.weight_specs())
                 staged = StagedPush(manifest, self._staging_buffer(flat_offsets(manifest.tensors)[1],
                                                                    torch.device("cpu")))
-                for message in request_iterator:
-                    if message.WhichOneof("kind") != "chunk":
+                for raw in request_iterator:
+                    chunk = decode_push_message(raw)
+                    if not isinstance(chunk, ChunkView):
                         raise WeightSyncError("a second manifest inside one push")
-                    staged.add(message.chunk)
+                    staged.add(chunk)
                 state = staged.finish()
             except WeightSyncError as exc:
                 if context.is_active():
@@ -214,9 +218,11 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                     return drain_flat(member, manifest.tensors, request.bucket_bytes)
                 return receive_flat(member, staged, request.bucket_bytes)
 
+            called_off = threading.Event()
+            context.add_callback(called_off.set)  # the learner cancels the call when its broadcast failed
             try:
                 checksum = run_with_deadline(transfer, request.timeout_s, f"receive of version {manifest.version}",
-                                             on_timeout=self.membership.drop)
+                                             on_timeout=self.membership.drop, cancelled=called_off)
             except CollectiveError as exc:
                 self.membership.drop()
                 if staged is not None and device.type == "cpu":
@@ -247,6 +253,27 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
         return pb.VersionReply(version=self.backend.version, checksum=self.serving_checksum())
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["WeightSync"].full_name
+
+
+def method_handlers(servicer: WeightSyncServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated registration (weights_pb2_grpc.add_WeightSyncServicer_to_server), except that
+    Push takes its messages as the raw bytes that `decode_push_message` reads without copying."""
+    return {
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push, request_deserializer=None, response_serializer=pb.PushReply.SerializeToString),
+        "Prepare": grpc.unary_unary_rpc_method_handler(
+            servicer.Prepare, request_deserializer=pb.Manifest.FromString,
+            response_serializer=pb.PrepareReply.SerializeToString),
+        "Receive": grpc.unary_unary_rpc_method_handler(
+            servicer.Receive, request_deserializer=pb.ReceiveRequest.FromString,
+            response_serializer=pb.PushReply.SerializeToString),
+        "GetVersion": grpc.unary_unary_rpc_method_handler(
+            servicer.GetVersion, request_deserializer=pb.VersionRequest.FromString,
+            response_serializer=pb.VersionReply.SerializeToString),
+    }
+
+
 def start_server(servicer: WeightSyncServicer, host: str, port: int,
                  credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """Serve WeightSync on host:port (0: a free port), with TLS when `credentials` are given."""
@@ -255,7 +282,7 @@ def start_server(servicer: WeightSyncServicer, host: str, port: int,
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    pb_grpc.add_WeightSyncServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, method_handlers(servicer)),))
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
