@@ -11,8 +11,8 @@ Control plane (the authenticated gRPC WeightSync service, see proto/weights.prot
   group forms, so one misconfigured server cannot stall the others.
 - Join: the learner sends `Receive` (manifest, bucket size, store address, group id, rank) to those
   that accepted. Ranks follow the sorted addresses; the learner is rank 0. The broadcasts follow
-  `broadcast_plan(manifest, bucket_bytes)` over the manifest's flat layout
-  (`mmupt.weights.flat_offsets`), so the manifest and one number announce them fully. The
+  `broadcast_plan(manifest, bucket_bytes, contiguous)` over the manifest's flat layout
+  (`mmupt.weights.flat_offsets`), so the manifest and two fields announce them fully. The
   checksum is not in this manifest: the root computes it while sending and broadcasts it last. A member keeps its group while the group id stays the same, so a
   steady set of servers rendezvouses once; a new set gets a new id and a new group.
 - Death: collectives block (NCCL ones forever), so each side runs them on a worker thread and its
@@ -159,11 +159,14 @@ class Op:
     tensor: int | None  # the one tensor sent in place, or None for a bucket packed from several
 
 
-def broadcast_plan(specs, bucket_bytes: int) -> list[Op]:
-    """The broadcasts of a version, computed the same way on every rank from the manifest and the
-    bucket size: big tensors in place, in pieces of at most bucket_bytes; runs of small ones packed
-    into buckets of at most bucket_bytes."""
-    offsets, _ = flat_offsets(specs)
+def broadcast_plan(specs, bucket_bytes: int, contiguous: bool = False) -> list[Op]:
+    """The broadcasts of a version, computed the same way on every rank from the manifest, the
+    bucket size and whether the root holds the version contiguously in the flat layout (then: plain
+    slices of bucket_bytes). Otherwise big tensors go in place, in pieces of at most bucket_bytes,
+    and runs of small ones are packed into buckets of at most bucket_bytes."""
+    offsets, flat_bytes = flat_offsets(specs)
+    if contiguous:
+        return [Op(lo, min(lo + bucket_bytes, flat_bytes), None) for lo in range(0, flat_bytes, bucket_bytes)]
     ops: list[Op] = []
     run: list[int] = []  # [start, end) of the bucket being packed
 
@@ -203,48 +206,51 @@ class PackBuffers:
 
 
 def send_flat(group: BroadcastGroup, payload: list[torch.Tensor], specs, bucket_bytes: int,
-              buffers: PackBuffers) -> str:
+              buffers: PackBuffers, flat: torch.Tensor | None = None) -> str:
     """Root: broadcast a version's bytes (`payload`, uint8 per tensor in manifest order) by the plan,
     then their checksum as one last small broadcast; returns the checksum (hex).
 
-    The checksum is computed here, while earlier broadcasts are on the wire, rather than in a pass
-    before the first one (which cost ~20% of the transfer on the dev VM). Padding between tensors
-    in a packed bucket is not cleared: receivers never read it.
+    `flat`: the buffer that holds `payload` contiguously in the flat layout (a WireBuffer), whose
+    slices are broadcast as they are. The checksum is computed here, while earlier broadcasts are on
+    the wire, rather than in a pass before the first one (which cost ~20% of the transfer on the dev
+    VM). Padding between tensors is not cleared: receivers never read it.
     """
     offsets, _ = flat_offsets(specs)
-    digest = new_checksum()
+    digest, hashed = new_checksum(), 0  # tensors [0, hashed) are in the digest
     in_flight: deque = deque()
-    for k, op in enumerate(broadcast_plan(specs, bucket_bytes)):
+    for k, op in enumerate(broadcast_plan(specs, bucket_bytes, contiguous=flat is not None)):
         if len(in_flight) >= PIPELINE_DEPTH:
             in_flight.popleft().wait()
-        if op.tensor is not None:
+        if flat is not None:
+            source = flat[op.start:op.end]
+        elif op.tensor is not None:
             base = offsets[op.tensor]
-            pieces = [payload[op.tensor][op.start - base:op.end - base]]
-            in_flight.append(group.broadcast(pieces[0].to(group.device)))
+            source = payload[op.tensor][op.start - base:op.end - base]
         else:
             source = buffers.get(k, op.end - op.start)
-            pieces = []
             for index, (base, spec) in enumerate(zip(offsets, specs)):
                 if base >= op.end:
                     break
                 if spec.nbytes and base >= op.start:
                     source[base - op.start:base - op.start + spec.nbytes].copy_(payload[index])
-                    pieces.append(payload[index])
-            in_flight.append(group.broadcast(source))
-        for piece in pieces:
-            digest.update(piece.numpy())
+        in_flight.append(group.broadcast(source.to(group.device)))
+        while hashed < len(specs) and offsets[hashed] + specs[hashed].nbytes <= op.end:
+            digest.update(payload[hashed].numpy())
+            hashed += 1
+    for data in payload[hashed:]:  # trailing zero-byte tensors
+        digest.update(data.numpy())
     in_flight.append(group.broadcast(torch.tensor(list(digest.digest()), dtype=torch.uint8).to(group.device)))
     while in_flight:
         in_flight.popleft().wait()
     return digest.hexdigest()
 
 
-def receive_flat(group: BroadcastGroup, staged: StagedPush, bucket_bytes: int) -> str:
+def receive_flat(group: BroadcastGroup, staged: StagedPush, bucket_bytes: int, contiguous: bool = False) -> str:
     """Member: receive every broadcast straight into its place in the staging buffer, checksumming
     each one as it completes while the later ones are still on the wire; returns the checksum the
     root sent last (hex), for `staged.finish` to compare."""
     in_flight: deque = deque()
-    for op in broadcast_plan(staged.manifest.tensors, bucket_bytes):
+    for op in broadcast_plan(staged.manifest.tensors, bucket_bytes, contiguous):
         if len(in_flight) >= PIPELINE_DEPTH:
             end, work = in_flight.popleft()
             work.wait()
@@ -259,10 +265,10 @@ def receive_flat(group: BroadcastGroup, staged: StagedPush, bucket_bytes: int) -
     return bytes(trailer.cpu().tolist()).hex()
 
 
-def drain_flat(group: BroadcastGroup, specs, bucket_bytes: int) -> None:
+def drain_flat(group: BroadcastGroup, specs, bucket_bytes: int, contiguous: bool = False) -> None:
     """Member that will refuse the version: take part in every broadcast (the others need every
     rank) into one scratch buffer, keeping nothing."""
-    plan = broadcast_plan(specs, bucket_bytes)
+    plan = broadcast_plan(specs, bucket_bytes, contiguous)
     biggest = max([op.end - op.start for op in plan] + [CHECKSUM_BYTES])
     scratch = torch.empty(biggest, dtype=torch.uint8, device=group.device)
     for op in plan:

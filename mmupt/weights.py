@@ -94,6 +94,43 @@ def flat_offsets(specs) -> tuple[list[int], int]:
     return offsets, position
 
 
+class WireBuffer:
+    """The sender's reused flat buffer for a version that needs a cast (`wire_dtype`).
+
+    Casting into fresh tensors on every push costs page faults (seconds per GB on the dev VM); here
+    the casts land in one buffer, kept between pushes, at the flat layout's offsets, which also makes
+    the whole version one contiguous range that a collective can broadcast in a few big slices.
+    """
+
+    def __init__(self):
+        self.flat: torch.Tensor | None = None
+
+    def cast(self, state: dict[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+        """`state` in the wire dtype (floating point only), as views of this buffer in manifest order."""
+        shapes = [(name, t.shape, DTYPES[wire_dtype] if t.is_floating_point() else t.dtype) for name, t in state.items()]
+        specs = [pb.TensorSpec(nbytes=int(np.prod(shape, dtype=np.int64)) * dtype.itemsize) for _, shape, dtype in shapes]
+        offsets, size = flat_offsets(specs)
+        if self.flat is None or self.flat.numel() < size:
+            self.flat = None  # free the old one first
+            self.flat = torch.empty(size, dtype=torch.uint8)
+        out = {}
+        for (name, shape, dtype), spec, offset in zip(shapes, specs, offsets):
+            view = self.flat[offset:offset + spec.nbytes].view(dtype).reshape(shape) if spec.nbytes \
+                else torch.empty(shape, dtype=dtype)
+            view.copy_(state[name].detach())
+            out[name] = view
+        return out
+
+    def holds(self, payload: list[torch.Tensor], specs) -> bool:
+        """True if `payload` lies in this buffer exactly at the flat layout's offsets."""
+        if self.flat is None:
+            return False
+        base = self.flat.data_ptr()
+        offsets, size = flat_offsets(specs)
+        return size <= self.flat.numel() and all(
+            d.numel() == 0 or d.data_ptr() == base + o for d, o in zip(payload, offsets))
+
+
 def push_messages(manifest: pb.Manifest, payload: list[torch.Tensor], chunk_bytes: int) -> Iterator[pb.PushMessage]:
     """A gRPC push: the manifest, then every tensor's bytes in chunks, in manifest order."""
     yield pb.PushMessage(manifest=manifest)

@@ -132,6 +132,9 @@ def test_broadcast_plan_covers_every_byte_once_with_big_tensors_in_place():
     assert in_place == ["big"] * 4 + ["mid"]  # big ones straight from their memory, the biggest in 4 pieces
     assert len(plan) - len(in_place) == 3  # packed: small1 | small2 + small3 | small4 + tail
     assert plan[-1].end <= flat_bytes
+    # A sender holding the version contiguously sends plain slices of the whole layout.
+    slices = broadcast_plan(manifest.tensors, bucket, contiguous=True)
+    assert [(op.start, op.end) for op in slices] == [(lo, min(lo + bucket, flat_bytes)) for lo in range(0, flat_bytes, bucket)]
 
 
 def test_broadcast_reaches_both_receivers_bit_for_bit_and_keeps_the_group(receivers, pusher, base_state, tmp_path):
@@ -163,6 +166,7 @@ def test_bf16_on_the_wire_is_cast_to_the_receivers_dtype(receivers, pusher, base
     finally:
         pusher.wire_dtype = None
     assert all(r.ok for r in results), results
+    assert pusher.wire.flat is not None  # sent from the cast buffer, as plain slices of the layout
     manifest, _ = build_manifest(state, 0, RUN, "bfloat16")
     assert manifest.total_bytes * 2 == build_manifest(state, 0, RUN)[0].total_bytes  # half the bytes
     for receiver in receivers:

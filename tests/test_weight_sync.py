@@ -21,7 +21,7 @@ from mmupt.services.learner.weight_push import WeightPusher
 from mmupt.services.rollout import metrics as rollout_metrics
 from mmupt.services.rollout.hf_backend import TransformersBackend
 from mmupt.services.rollout.weight_server import WeightSyncServicer, method_handlers, start_server
-from mmupt.weights import (ChunkView, WeightSyncError, build_manifest, decode_push_message, encoded_push,
+from mmupt.weights import (ChunkView, WeightSyncError, WireBuffer, build_manifest, decode_push_message, encoded_push,
                            push_messages)
 
 TOKEN, RUN = "s3cret", "run-a"
@@ -75,6 +75,20 @@ def test_the_servers_decoder_reads_what_protobuf_writes():
     for bad in (b"", raw[:-1], raw + raw, b"\x12\x05ab"):  # empty, truncated, two chunks, too short
         with pytest.raises(WeightSyncError, match="malformed"):
             decode_push_message(bad)
+
+
+def test_wire_buffer_casts_into_one_reused_flat_layout():
+    state = {"w": torch.randn(100, 3), "ids": torch.arange(7), "empty": torch.empty(0), "b": torch.randn(5)}
+    wire = WireBuffer()
+    cast = wire.cast(state, "bfloat16")
+    assert cast["w"].dtype == torch.bfloat16 and cast["ids"].dtype == torch.int64  # only floats are cast
+    assert all(torch.equal(cast[k], v.to(cast[k].dtype)) for k, v in state.items())
+    manifest, payload = build_manifest(cast, 1, RUN)
+    assert wire.holds(payload, manifest.tensors)  # the whole version is one contiguous flat range
+    before = wire.flat.data_ptr()
+    wire.cast({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, "bfloat16")
+    assert wire.flat.data_ptr() == before  # reused, not reallocated
+    assert not wire.holds(build_manifest(state, 1, RUN)[1], manifest.tensors)
 
 
 def test_every_rpc_of_the_service_is_served(server):

@@ -30,7 +30,7 @@ from mmupt.auth import channel_credentials
 from mmupt.collective import (BroadcastGroup, CollectiveError, PackBuffers, resolve_backend, run_with_deadline, send_flat,
                               start_store)
 from mmupt.config import Settings
-from mmupt.weights import build_manifest, encoded_push
+from mmupt.weights import WireBuffer, build_manifest, encoded_push
 
 from . import metrics
 
@@ -108,11 +108,16 @@ class _PusherBase:
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
         self.wire_dtype = wire_dtype
+        self.wire = WireBuffer()
         self.channels = Channels(token, credentials, server_name)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="weight-push")
 
     def serving_version(self, address: str) -> int:
         return self.channels.serving_version(address)
+
+    def _on_wire(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state in the wire dtype: cast into the reused wire buffer, or as it is (no copy)."""
+        return self.wire.cast(state, self.wire_dtype) if self.wire_dtype else state
 
     def _backoff(self, attempt: int, deadline: float) -> None:
         time.sleep(max(0.0, min(self.retry_backoff_s * 2 ** attempt, deadline - time.monotonic())))
@@ -149,7 +154,7 @@ class WeightPusher(_PusherBase):
             return []
         started = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
-        manifest, payload = build_manifest(state, version, self.run_id, self.wire_dtype)
+        manifest, payload = build_manifest(self._on_wire(state), version, self.run_id)
         results = list(self._pool.map(lambda a: self._push_one(a, manifest, payload, deadline), addresses))
         self._report(version, results, started, manifest.total_bytes)
         return results
@@ -211,7 +216,9 @@ class CollectivePusher(_PusherBase):
         started = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
         # No checksum pass up front: send_flat computes it while sending and broadcasts it last.
-        manifest, payload = build_manifest(state, version, self.run_id, self.wire_dtype, checksum=False)
+        manifest, payload = build_manifest(self._on_wire(state), version, self.run_id, checksum=False)
+        # A cast version sits in the wire buffer as the flat layout itself: broadcast it in big slices.
+        flat = self.wire.flat if self.wire_dtype and self.wire.holds(payload, manifest.tensors) else None
         results: dict[str, PushResult] = {}
         pending = sorted(set(addresses))
         for attempt in range(self.retries + 1):
@@ -224,7 +231,7 @@ class CollectivePusher(_PusherBase):
             outcome: dict[str, PushResult] = {}
             for batch in ([a for a in pending if a not in self.suspects], [a for a in pending if a in self.suspects]):
                 if batch and deadline - time.monotonic() > 0:
-                    outcome.update(self._attempt(manifest, payload, batch, deadline))
+                    outcome.update(self._attempt(manifest, payload, flat, batch, deadline))
             results.update({a: dataclasses.replace(r, attempts=attempt + 1) for a, r in outcome.items()})
             pending = [a for a, r in outcome.items() if not r.ok and r.retryable]
         ordered = [results.get(a) or PushResult(a, False, -1, "DEADLINE_EXCEEDED: no time left", 0)
@@ -232,7 +239,7 @@ class CollectivePusher(_PusherBase):
         self._report(version, ordered, started, manifest.total_bytes)
         return ordered
 
-    def _attempt(self, manifest: pb.Manifest, payload, targets: list[str], deadline: float) -> dict[str, PushResult]:
+    def _attempt(self, manifest: pb.Manifest, payload, flat, targets: list[str], deadline: float) -> dict[str, PushResult]:
         results = {}
         members = []
         for address, outcome in zip(targets, self._pool.map(lambda a: self._prepare(a, manifest, deadline), targets)):
@@ -241,7 +248,7 @@ class CollectivePusher(_PusherBase):
             else:
                 members.append(address)
         if members:
-            results.update(self._broadcast(manifest, payload, members, deadline))
+            results.update(self._broadcast(manifest, payload, flat, members, deadline))
         return results
 
     def _prepare(self, address: str, manifest: pb.Manifest, deadline: float) -> PushResult | None:
@@ -255,7 +262,8 @@ class CollectivePusher(_PusherBase):
             return _failure(address, exc)
         return None if reply.needed else PushResult(address, True, reply.serving_version)
 
-    def _broadcast(self, manifest: pb.Manifest, payload, members: list[str], deadline: float) -> dict[str, PushResult]:
+    def _broadcast(self, manifest: pb.Manifest, payload, flat, members: list[str],
+                   deadline: float) -> dict[str, PushResult]:
         key = tuple(members)
         group = self._groups.get(key)
         if group is None:
@@ -268,7 +276,7 @@ class CollectivePusher(_PusherBase):
         replies = {}
         for rank, address in enumerate(members, start=1):
             request = pb.ReceiveRequest(
-                manifest=manifest, bucket_bytes=self.bucket_bytes, timeout_s=remaining,
+                manifest=manifest, bucket_bytes=self.bucket_bytes, timeout_s=remaining, contiguous=flat is not None,
                 group=pb.GroupInfo(store_host=self.store_host, store_port=self.store_port, group_id=group_id,
                                    rank=rank, world_size=world_size, backend=self.backend))
             # A member gives up at `remaining`; its answer (after its swap, or its failure) gets a grace.
@@ -278,7 +286,8 @@ class CollectivePusher(_PusherBase):
 
         def send():
             live["group"] = group or BroadcastGroup(self.store, group_id, 0, world_size, self.backend, self.timeout_s)
-            send_flat(live["group"], payload, manifest.tensors, self.bucket_bytes, self._pack_buffers(live["group"].device))
+            send_flat(live["group"], payload, manifest.tensors, self.bucket_bytes, self._pack_buffers(live["group"].device),
+                      flat)
             return live["group"]
 
         def abort():

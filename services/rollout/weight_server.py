@@ -215,8 +215,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 member = self.membership.join(group.store_host, group.store_port, group.group_id, group.rank,
                                               group.world_size, group.backend, request.timeout_s)
                 if staged is None:
-                    return drain_flat(member, manifest.tensors, request.bucket_bytes)
-                return receive_flat(member, staged, request.bucket_bytes)
+                    return drain_flat(member, manifest.tensors, request.bucket_bytes, request.contiguous)
+                return receive_flat(member, staged, request.bucket_bytes, request.contiguous)
 
             called_off = threading.Event()
             context.add_callback(called_off.set)  # the learner cancels the call when its broadcast failed
