@@ -13,8 +13,9 @@ Control plane (the authenticated gRPC WeightSync service, see proto/weights.prot
   that accepted. Ranks follow the sorted addresses; the learner is rank 0. The broadcasts follow
   `broadcast_plan(manifest, bucket_bytes, contiguous)` over the manifest's flat layout
   (`mmupt.weights.flat_offsets`), so the manifest and two fields announce them fully. The
-  checksum is not in this manifest: the root computes it while sending and broadcasts it last. A member keeps its group while the group id stays the same, so a
-  steady set of servers rendezvouses once; a new set gets a new id and a new group.
+  checksum is not in this manifest: the root computes it while sending and broadcasts it last.
+  A member keeps its group while the group id stays the same, so a steady set of servers
+  rendezvouses once; a new set gets a new id and a new group.
 - Death: collectives block (NCCL ones forever), so each side runs them on a worker thread and its
   control side gives up at the deadline (`run_with_deadline`). When the learner gives up, it calls
   off the members' Receive calls, which makes them give up too (aborting a group does not reach the
@@ -143,12 +144,12 @@ class BroadcastGroup:
         return self.pg.broadcast([tensor], options)
 
     def abort(self) -> None:
-        """Break the group: pending and future collectives on it fail rather than wait."""
+        """Break the group on this side. It does not reach the other ranks (measured with gloo): their
+        own deadline, or the learner calling off their Receive, ends their part."""
         try:
             self.pg.abort()
         except Exception as exc:  # noqa: BLE001 (best effort: the group is being dropped anyway)
             log.debug("abort of group %s: %s", self.group_id, exc)
-
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from mmupt._proto import weights_pb2 as pb
 from mmupt._proto import weights_pb2_grpc as pb_grpc
 from mmupt.auth import channel_credentials, server_credentials
-from mmupt.config import AuthSettings, ModelSettings
+from mmupt.config import AuthSettings, ConfigError, ModelSettings, load_settings
 from mmupt.services.learner import metrics as learner_metrics
 from mmupt.services.learner.weight_push import WeightPusher
 from mmupt.services.rollout import metrics as rollout_metrics
@@ -285,6 +285,17 @@ def self_signed(tmp_path: Path, name: str) -> AuthSettings:
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return AuthSettings(tls_cert_file=str(cert_file), tls_key_file=str(key_file), tls_ca_file=str(cert_file))
+
+
+def test_weight_sync_settings_are_checked_and_overridable():
+    settings = load_settings(environ={"MMUPT_LEARNER__WEIGHT_SYNC": "collective", "MMUPT_WEIGHTS__BUCKET_BYTES": "1048576",
+                                      "MMUPT_LEARNER__WIRE_DTYPE": "bfloat16"})
+    assert settings.learner.weight_sync == "collective" and settings.weights.bucket_bytes == 1 << 20
+    assert settings.learner.wire_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"auth: .*tls_cert_file and tls_key_file go together"):
+        load_settings(environ={}, overrides={"auth": {"tls_cert_file": "server.crt"}})
+    with pytest.raises(ConfigError, match=r"weights\.collective_backend"):
+        load_settings(environ={"MMUPT_WEIGHTS__COLLECTIVE_BACKEND": "mpi"})
 
 
 def test_tls_push_with_a_self_signed_certificate(tiny_model_dir, tmp_path):

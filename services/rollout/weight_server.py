@@ -207,29 +207,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 fits = self._refusal(manifest) is None and manifest.version != self.backend.version
             except WeightSyncError:
                 fits = False
-            flat_bytes = flat_offsets(manifest.tensors)[1]
             device = torch.device("cpu") if group.backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
-            staged = StagedPush(manifest, self._staging_buffer(flat_bytes, device)) if fits else None
-
-            def transfer() -> str | None:
-                member = self.membership.join(group.store_host, group.store_port, group.group_id, group.rank,
-                                              group.world_size, group.backend, request.timeout_s)
-                if staged is None:
-                    return drain_flat(member, manifest.tensors, request.bucket_bytes, request.contiguous)
-                return receive_flat(member, staged, request.bucket_bytes, request.contiguous)
-
-            called_off = threading.Event()
-            context.add_callback(called_off.set)  # the learner cancels the call when its broadcast failed
-            try:
-                checksum = run_with_deadline(transfer, request.timeout_s, f"receive of version {manifest.version}",
-                                             on_timeout=self.membership.drop, cancelled=called_off)
-            except CollectiveError as exc:
-                self.membership.drop()
-                if staged is not None and device.type == "cpu":
-                    self._staging = None  # an abandoned broadcast may still write into it
-                log.warning("collective receive of version %d failed: %s; still serving version %d",
-                            manifest.version, exc, self.backend.version)
-                self._abort(context, (grpc.StatusCode.UNAVAILABLE, "collective_failed", str(exc)))
+            staged = StagedPush(manifest, self._staging_buffer(flat_offsets(manifest.tensors)[1], device)) \
+                if fits else None
+            checksum = self._take_part(request, staged, context)
             if staged is None:
                 return self._refuse_drained(manifest, context)
             try:
@@ -237,6 +218,32 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             except WeightSyncError as exc:
                 self._abort(context, (grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc)))
             return self._swap(manifest, state, checksum, started, context)
+
+    def _take_part(self, request: pb.ReceiveRequest, staged: StagedPush | None, context) -> str | None:
+        """Join the group and receive every broadcast into `staged` (or drain them when None), on a
+        worker thread, giving up at the announced deadline or when the learner calls it off; returns
+        the checksum the learner sent last."""
+        manifest, group = request.manifest, request.group
+
+        def transfer() -> str | None:
+            member = self.membership.join(group.store_host, group.store_port, group.group_id, group.rank,
+                                          group.world_size, group.backend, request.timeout_s)
+            if staged is None:
+                return drain_flat(member, manifest.tensors, request.bucket_bytes, request.contiguous)
+            return receive_flat(member, staged, request.bucket_bytes, request.contiguous)
+
+        called_off = threading.Event()
+        context.add_callback(called_off.set)  # the learner cancels the call when its broadcast failed
+        try:
+            return run_with_deadline(transfer, request.timeout_s, f"receive of version {manifest.version}",
+                                     on_timeout=self.membership.drop, cancelled=called_off)
+        except CollectiveError as exc:
+            self.membership.drop()
+            if staged is not None and staged.flat.device.type == "cpu":
+                self._staging = None  # an abandoned broadcast may still write into it
+            log.warning("collective receive of version %d failed: %s; still serving version %d",
+                        manifest.version, exc, self.backend.version)
+            self._abort(context, (grpc.StatusCode.UNAVAILABLE, "collective_failed", str(exc)))
 
     def _refuse_drained(self, manifest: pb.Manifest, context) -> pb.PushReply:
         """The answer for a version drained rather than staged: the same checks as a gRPC push."""
