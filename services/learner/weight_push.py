@@ -1,9 +1,11 @@
 """Learner side of weight sync: push one version to every live rollout server, in parallel.
 
 Both transports share one interface (`push`, `serving_version`, `close`) and one contract: a push
-returns within `timeout_s` whatever the servers do; a server that fails with a transient error is
-retried (with backoff, inside the same deadline); every failure is logged and counted per server in
-metrics, and the caller's cold sync tries again later. Training is never blocked for longer.
+returns within `timeout_s` whatever the servers do (the collective path adds at most REPLY_GRACE_S
+for members to report and `prepare_timeout_s` to check failed ones); a server that fails with a
+transient error is retried (with backoff, inside the same deadline); every failure is logged and
+counted per server in metrics, and the caller's cold sync tries again later. Not thread-safe: one
+caller (the learner's training thread) pushes at a time.
 
 - `WeightPusher`: gRPC streams of chunks; works across any network.
 - `CollectivePusher`: a gloo (CPU) / NCCL (GPU) broadcast in buckets, with the gRPC service as
