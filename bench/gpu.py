@@ -373,9 +373,9 @@ def part_grpc_push(args) -> dict:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    verified = after["version"] == args.pushes and after["sha256"] == expected != before["sha256"]
+    verified = after["version"] == args.pushes and after["checksum"] == expected != before["checksum"]
     if not verified:
-        raise RuntimeError(f"the server serves {after}, expected version {args.pushes} with sha256 {expected}")
+        raise RuntimeError(f"the server serves {after}, expected version {args.pushes} with checksum {expected}")
     per_push = sum(seconds) / len(seconds)
     return {"device": device_info(args.device)[0], "bytes": nbytes, "tensors": len(state),
             "seconds_per_push": per_push, "gb_per_s": nbytes / per_push / 1e9, "verified": verified,

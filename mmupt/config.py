@@ -226,11 +226,41 @@ class AuthSettings(Section):
     # Token for weight pushes and other state-changing calls. Prefer token_file (a mounted secret).
     token: str | None = Field(None, repr=False)
     token_file: str | None = None
+    # Optional TLS for the gRPC WeightSync service. Rollout servers serve with cert + key (PEM);
+    # the learner trusts the CA in tls_ca_file. Set all three (one config per run) to turn TLS on.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    # The name the learner expects in the server certificate, when it differs from the address
+    # it dials (e.g. a cert for "rollout.internal" reached as 10.0.0.7:50051).
+    tls_server_name: str | None = None
 
     def resolve_token(self) -> str | None:
         if self.token_file:
             return Path(self.token_file).read_text().strip()
         return self.token
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+
+class WeightSyncSettings(Section):
+    """How pushes behave beyond learner.weight_sync / wire_dtype / push_timeout_s / push_chunk_bytes."""
+    # Extra attempts for a server whose push failed with a transient error, within push_timeout_s.
+    retries: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    # Collective path (learner.weight_sync: collective): the flat weights are broadcast in buckets
+    # of this size; "auto" is NCCL when the learner has a GPU, else gloo.
+    bucket_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    collective_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # The learner's rendezvous store (a torch TCPStore, listening on all interfaces); 0 picks a free
+    # port. Rollout servers reach it at store_advertise_host (default: learner.host, or the
+    # hostname when learner.host is 0.0.0.0).
+    store_port: int = Field(0, ge=0, le=65535)
+    store_advertise_host: str | None = None
 
 
 class Settings(Section):
@@ -246,6 +276,7 @@ class Settings(Section):
     learner: LearnerSettings = LearnerSettings()
     deployment: DeploymentSettings = DeploymentSettings()
     auth: AuthSettings = AuthSettings()
+    weights: WeightSyncSettings = WeightSyncSettings()
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -21,7 +21,7 @@ def test_run_trains_pushes_and_accounts_for_every_prompt(settings, tmp_path):
     assert summary["status"] == "finished"
     assert summary["steps"] == 3 and summary["policy_version"] == 3
     assert summary["rollout_policy_version"] == 3
-    assert summary["rollout_weights_sha256"] != summary["initial_weights_sha256"]
+    assert summary["rollout_weights_checksum"] != summary["initial_weights_checksum"]
     # Every admitted prompt is trained or counted; nothing is left pending in any stream.
     assert summary["prompts_admitted"] == (summary["groups_trained"] + summary["groups_dropped_stale"]
                                            + summary["groups_dropped_vote"] + summary["groups_skipped_zero_advantage"]

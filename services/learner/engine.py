@@ -30,15 +30,18 @@ def init_distributed() -> None:
     """Join (or, run as a single process without a launcher, create) the torch.distributed group."""
     import deepspeed
 
+    import torch.distributed as dist
+
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        from mmupt.embedded_redis import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ and not dist.is_initialized():
+        # A lone learner needs no rendezvous: an in-memory store avoids a TCP port that another socket
+        # could take between choosing it and binding it (seen as EADDRINUSE under load).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def deepspeed_config(cfg: LearnerSettings, micro_per_step: int) -> dict:

@@ -34,7 +34,7 @@ from .grpo import zero_advantage
 from .ledger import REPLAYED_ID, Ledger, LedgerMismatch, commit_from_json, commit_to_json
 from .ranks import Lockstep
 from .train_log import TrainLog
-from .weight_push import WeightPusher
+from .weight_push import make_pusher
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def run(settings: Settings, resume: bool = False) -> int:
     streams.ensure_groups()
     stream_metrics.register(streams)
     items = load_items(settings.data.train, settings.data, settings.streams)
-    pusher = WeightPusher(token, settings.run_id, settings.learner.push_chunk_bytes, settings.learner.push_timeout_s)
+    pusher = make_pusher(settings, token)
     learner = Learner(settings, streams, engine, processor, pusher, items)
     try:
         learner.start(resume)

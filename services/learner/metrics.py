@@ -31,5 +31,8 @@ CHECKPOINT_SECONDS = Histogram("mmupt_learner_checkpoint_seconds", "Time to writ
                                buckets=TIME_BUCKETS)
 PUSH_SECONDS = Histogram("mmupt_weight_push_seconds", "Time to push one version to all rollout servers",
                          buckets=[0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300])
-PUSH_FAILURES = Counter("mmupt_weight_push_failures_total", "Weight pushes to one server that failed")
-PUSH_RETRIES = Counter("mmupt_weight_push_retries_total", "Weight push attempts retried")
+PUSH_FAILURES = Counter("mmupt_weight_push_failures_total", "Weight pushes to one server that failed after retries",
+                        ["server"])
+PUSH_RETRIES = Counter("mmupt_weight_push_retries_total", "Weight push attempts retried", ["server"])
+PUSH_FAILED_SERVERS = Gauge("mmupt_weight_push_failed_servers", "Servers the last push did not reach")
+PUSH_BYTES = Counter("mmupt_weight_push_bytes_total", "Wire bytes of versions delivered (summed over servers)")

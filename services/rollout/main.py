@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 
-from mmupt.auth import require_token
+from mmupt.auth import require_token, server_credentials
 from mmupt.config import Settings
 from mmupt.images import ImageError, ImageStore, decode_image
 from mmupt.model import PromptError, build_messages, render_prompt
@@ -107,13 +107,13 @@ def run(settings: Settings) -> int:
     servicer: WeightSyncServicer | None = None
 
     def version_info() -> dict:
-        return {"sha256": servicer.serving_sha256(), "initial_sha256": servicer.initial_sha256,
+        return {"checksum": servicer.serving_checksum(), "initial_checksum": servicer.initial_checksum,
                 "server_id": server_id} if servicer else {}
 
     service.serve_http(build_app(server, version_info), r.host, r.http_port)
     backend = make_backend(settings)
     servicer = WeightSyncServicer(backend, token, settings.run_id)
-    grpc_server, grpc_port = start_server(servicer, r.host, r.grpc_port)
+    grpc_server, grpc_port = start_server(servicer, r.host, r.grpc_port, server_credentials(settings.auth))
     advertise = r.advertise_host or (socket.gethostname() if r.host == "0.0.0.0" else r.host)
     server_id = f"{advertise}:{grpc_port}"
     server.attach(backend)
@@ -133,5 +133,6 @@ def run(settings: Settings) -> int:
         grpc_server.stop(grace=5)
         server.close()
         backend.close()
+        servicer.close()
 
     return service.run_until_stopped(on_stop)

@@ -14,6 +14,7 @@ WAITING_FOR_WEIGHTS = Gauge("mmupt_rollout_waiting_for_weights", "1 while too st
 WEIGHT_PUSHES = Counter("mmupt_rollout_weight_pushes_total", "Weight pushes received, by outcome", ["outcome"])
 SWAP_SECONDS = Histogram("mmupt_rollout_weight_swap_seconds", "Time to swap staged weights in",
                          buckets=[0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30])
+WEIGHT_TRANSFER_ACTIVE = Gauge("mmupt_rollout_weight_transfer_active", "1 while a pushed version is being staged")
 # HTTP API
 REQUESTS = Counter("mmupt_rollout_requests_total", "API requests answered, by endpoint and status code",
                    ["endpoint", "status"])
