@@ -19,6 +19,7 @@ from mmupt.images import ImageStore
 from mmupt.model import load_processor
 from mmupt.service import Service, base_app, consumer_name
 from mmupt.streams import Entry, Streams, connect
+from mmupt.synth.continual import ContinualSynthesis, start_continual
 from mmupt.wire import MalformedMessage, PromptMsg, ScoredMsg, decode, encode
 
 from . import metrics
@@ -32,7 +33,7 @@ COUNTERS = ("admitted", "trained", "dropped_stale", "dropped_vote", "duplicates"
 
 class Learner:
     def __init__(self, settings: Settings, streams: Streams, engine: PolicyEngine, processor,
-                 pusher: WeightPusher, items: list[Item]):
+                 pusher: WeightPusher, items: list[Item], synthetic: ContinualSynthesis | None = None):
         self.cfg = settings
         self.lc = settings.learner
         self.streams = streams
@@ -41,6 +42,7 @@ class Learner:
         self.processor = processor
         self.pusher = pusher
         self.items = items
+        self.synthetic = synthetic  # continual mode: synthetic prompts mixed in at synth.ratio
         self.images = ImageStore(streams.r, streams.keys, settings.streams.image_ttl_s)
         self.batches = BatchBuilder(settings, processor, self.images)
         self.consumer = consumer_name("learner")
@@ -53,7 +55,7 @@ class Learner:
     # ---- state ----------------------------------------------------------------------------------
     def init_state(self) -> None:
         self.streams.r.hset(self.keys.state, mapping={"version": 0, "step": 0, "status": "running", "epoch": 0,
-                                                      "cursor": 0, **{c: 0 for c in COUNTERS}})
+                                                      "cursor": 0, "synthetic": 0, **{c: 0 for c in COUNTERS}})
 
     def counters(self) -> dict[str, int]:
         state = self.streams.state()
@@ -70,6 +72,20 @@ class Learner:
             random.Random(self.cfg.data.shuffle_seed + epoch).shuffle(self._order)
         return epoch, cursor, self.items[self._order[cursor]]
 
+    def _next_prompt(self) -> tuple[str, int, int | None, Item] | None:
+        """(group id, epoch, dataset cursor or None for a synthetic prompt, item) of the next prompt: a
+        synthetic one when one is due and ready, else the next dataset item; None while synthetic-only waits."""
+        if self.synthetic is not None:
+            state = self.streams.state()
+            if self.synthetic.due(state):
+                item = self.synthetic.take()
+                if item is not None:
+                    return f"synth:{state.get('synthetic', 0)}", int(state.get("epoch", 0)), None, item
+                if self.synthetic.only:
+                    return None
+        epoch, cursor, item = self._next_item()
+        return f"{epoch}:{cursor}", epoch, cursor, item
+
     def admission_room(self) -> int:
         """AReaL-style: in flight <= (max_staleness + 1) * batch; never beyond what max_steps needs."""
         counts = self.counters()
@@ -82,16 +98,21 @@ class Learner:
         for _ in range(self.admission_room()):
             if not self.streams.wait_for_room("prompts", stop):
                 break
-            epoch, cursor, item = self._next_item()
+            prompt = self._next_prompt()
+            if prompt is None:
+                break
+            group_id, epoch, cursor, item = prompt
             hashes = [self.images.put(data) for data in item.images]
-            group_id = f"{epoch}:{cursor}"
             msg = PromptMsg(group_id=group_id, prompt_id=item.id, epoch=epoch, problem=item.problem,
                             image_hashes=hashes, options=item.options, admitted_version=self.version,
                             hidden_answer=item.answer)
             pipe = self.streams.r.pipeline(transaction=True)
             pipe.xadd(self.keys.prompts, {b"m": encode(msg)})
             pipe.hset(self.keys.inflight, group_id, self.version)
-            pipe.hset(self.keys.state, mapping={"epoch": epoch, "cursor": cursor + 1})
+            if cursor is None:
+                pipe.hincrby(self.keys.state, "synthetic", 1)
+            else:
+                pipe.hset(self.keys.state, mapping={"epoch": epoch, "cursor": cursor + 1})
             pipe.hincrby(self.keys.state, "admitted", 1)
             pipe.execute()
             metrics.ADMITTED.inc()
@@ -250,17 +271,24 @@ def run(settings: Settings) -> int:
     processor = load_processor(settings.model)
     engine = PolicyEngine(settings.model, settings.learner, settings.rollout.temperature)
     pusher = WeightPusher(token, settings.run_id, settings.learner.push_chunk_bytes, settings.learner.push_timeout_s)
-    learner = Learner(settings, streams, engine, processor, pusher, items)
+    synthetic = start_continual(settings, items, streams, service)
+    learner = Learner(settings, streams, engine, processor, pusher, items, synthetic)
     learner.init_state()
 
     app = base_app("mmupt learner", ready=lambda: True)
 
     @app.get("/v1/status")
     def status():
+        synthesis = {"synthesis": synthetic.report.as_dict()} if synthetic else {}
         return {"version": learner.version, "max_steps": settings.learner.max_steps, **streams.state(),
-                **learner.counters()}
+                **learner.counters(), **synthesis}
 
     service.serve_http(app, settings.learner.host, settings.learner.http_port)
 
     service.task("train", lambda: learner.run(service.stop))
-    return service.run_until_stopped(pusher.close)
+    def on_stop() -> None:
+        pusher.close()
+        if synthetic is not None:
+            synthetic.close()
+
+    return service.run_until_stopped(on_stop)
