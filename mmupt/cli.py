@@ -82,6 +82,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    import httpx
+
     from .data import DataError
     from .sampler import SamplerError
     from .synth.command import run_synthesis
@@ -93,6 +95,9 @@ def cmd_synth(args) -> int:
                       limit=args.limit, api_key=args.api_key, concurrency=args.concurrency)
     except (DataError, SamplerError, ValueError) as exc:
         print(f"mmupt synth: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"mmupt synth: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     return 0
 

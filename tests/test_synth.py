@@ -21,6 +21,7 @@ import yaml
 from mmupt.cli import main
 from mmupt.config import load_settings
 from mmupt.data import load_items
+from mmupt.embedded_redis import free_port
 from mmupt.sampler import LocalSampler
 from mmupt.services.rollout.api import RolloutServer, build_app
 from mmupt.services.rollout.hf_backend import TransformersBackend
@@ -172,3 +173,8 @@ def test_the_command_against_a_rollout_server(server_url, shapes_dir, tmp_path, 
     assert code == 1 and "must end with .jsonl or .parquet" in capsys.readouterr().err
     code = main(["synth", "--seed-data", str(tmp_path / "missing.jsonl"), "--out", str(out), "--url", server_url])
     assert code == 1 and "data file not found" in capsys.readouterr().err
+    nobody = f"http://127.0.0.1:{free_port()}"
+    code = main(["synth", "--seed-data", str(shapes_dir / "train.jsonl"), "--out", str(tmp_path / "gone.jsonl"),
+                 "--url", nobody, "--limit", "1", "--config", str(config)])
+    assert code == 1 and f"cannot reach {nobody}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "gone.report.json").read_text())["status"] == "failed"
