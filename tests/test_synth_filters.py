@@ -39,6 +39,7 @@ def boxed(*answers: str) -> list[str]:
     ("Question: \"<image>How many triangles are in <image1> the picture?\"",
      "How many triangles are in  the picture?"),
     ("question: what fraction of the square is shaded?", "what fraction of the square is shaded?"),
+    ("Question: Which is longest?\n(A) 1 cm\n(B) 2 cm\n\nThis tests measuring.", "Which is longest?\n(A) 1 cm\n(B) 2 cm"),
 ])
 def test_the_question_is_read_after_the_last_marker_and_before_any_answer(reply, question):
     assert parse_question(reply) == (question, "")

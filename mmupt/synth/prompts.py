@@ -21,6 +21,7 @@ MARKER = re.compile(r"(?:\*\*)?\s*\b(?:new\s+)?question\s*(?:\*\*)?\s*:\s*(?:\*\
 # Where a reply stops asking and starts answering or explaining.
 TAIL = re.compile(r"(?:\n|(?<=[?.!])\s)\s*(?:\*\*)?\s*(?:answer|final answer|solution|explanation|reasoning)\s*(?:\*\*)?\s*:",
                   re.IGNORECASE)
+PARAGRAPH = re.compile(r"\n\s*\n")
 IMAGE_TAG = re.compile(r"<image\d*>", re.IGNORECASE)
 
 DIRECT = (
@@ -79,8 +80,8 @@ def _clean(text: str) -> str:
 def parse_question(reply: str, require_marker: bool = True) -> tuple[str | None, str]:
     """(question, "") from a model's reply, or (None, why) when it holds no usable question.
 
-    With `require_marker`, the question is the text after the last marker up to an answer or
-    explanation, and text with broken characters (U+FFFD, control characters) is refused; without
+    With `require_marker`, the question is the text after the last marker up to an answer, an
+    explanation or a blank line (so choices on the next lines stay), and text with broken characters (U+FFFD, control characters) is refused; without
     it, the whole reply is taken, cleaned.
     """
     if not require_marker:
@@ -94,7 +95,7 @@ def parse_question(reply: str, require_marker: bool = True) -> tuple[str | None,
     if not markers:
         return None, "no \"Question:\" marker"
     question = TAIL.split(reply[markers[-1].end():], maxsplit=1)[0]
-    question = _clean(question)
+    question = _clean(PARAGRAPH.split(question.strip(), maxsplit=1)[0])  # a blank line ends it: commentary follows
     if not question:
         return None, "nothing after the marker"
     return question, ""
