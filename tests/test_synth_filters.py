@@ -163,3 +163,14 @@ def test_an_empty_answer_is_no_answer(tmp_path):
             {"problem": "<image>q2", "images": ["a.png"], "answer": "0"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [item.answer for item in load_items(tmp_path / "d.jsonl")] == [None, "0"]
+
+
+def test_the_synth_section_takes_environment_overrides_and_names_bad_fields():
+    from mmupt.config import ConfigError, load_settings
+
+    settings = load_settings(environ={"MMUPT_SYNTH__RATIO": "0.25", "MMUPT_SYNTH__MODE": "in-context"})
+    assert (settings.synth.ratio, settings.synth.mode) == (0.25, "in-context")
+    with pytest.raises(ConfigError, match="synth.ratio"):
+        load_settings(environ={"MMUPT_SYNTH__RATIO": "1.5"})
+    with pytest.raises(ConfigError, match="synth.mode"):
+        load_settings(overrides={"synth": {"mode": "sideways"}}, environ={})
