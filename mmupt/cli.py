@@ -89,6 +89,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    import httpx
+
+    from .data import DataError
+    from .sampler import SamplerError
+    from .synth.command import run_synthesis
+
+    data = {"problem_column": args.problem_column, "images_column": args.images_column}
+    settings = _settings(args, {"data": {k: v for k, v in data.items() if v}})
+    try:
+        run_synthesis(settings, args.seed_data, args.out, mode=args.mode, model_dir=args.model, url=args.url,
+                      limit=args.limit, api_key=args.api_key, concurrency=args.concurrency)
+    except (DataError, SamplerError, ValueError) as exc:
+        print(f"mmupt synth: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"mmupt synth: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_build_tiny(args) -> int:
     from .model import build_tiny
 
@@ -172,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("synth", help="synthesise new questions for seed images, filtered, in the training format")
+    p.add_argument("--mode", choices=["in-context", "direct"], default=None,
+                   help="in-context: image, seed question and answer shown; direct: the image only (default synth.mode)")
+    p.add_argument("--seed-data", required=True, help="training-format file (parquet, JSONL, JSON) with the seed images")
+    p.add_argument("--out", required=True, help="output file, .jsonl (images beside it) or .parquet")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", help="Hugging Face-format model folder, run in this process (default model.path)")
+    source.add_argument("--url", help="a rollout server (its /v1/chat/completions)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N seeds")
+    p.add_argument("--problem-column", default=None, help="the seed file's question column (default data.problem_column)")
+    p.add_argument("--images-column", default=None, help="the seed file's image column (default data.images_column)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url")
+    p.add_argument("--api-key", default=None, help="bearer token for --url, if the server wants one")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML whose synth section sets the filters")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("build-tiny", help="build the tiny offline Qwen2.5-VL into a folder")
     p.add_argument("--out", required=True)

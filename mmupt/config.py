@@ -222,6 +222,48 @@ class DeploymentSettings(Section):
     host_memory_gib: float = Field(512.0, gt=0)
 
 
+class SynthSettings(Section):
+    """Synthetic questions: `mmupt synth`, and the learner's continual mode (`ratio` > 0).
+
+    Every filter is on by default and counts what it drops; the thresholds below switch them off
+    where noted.
+    """
+    # in-context: the image, a seed question and its answer, asking for a new, different question;
+    # direct: the image alone.
+    mode: Literal["in-context", "direct"] = "direct"
+    questions_per_seed: int = Field(4, ge=1)    # questions sampled per seed (one prompt, n samples)
+    temperature: float = Field(1.0, gt=0)       # sampling of the questions
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, gt=0)          # new tokens for one question
+    seed: int | None = 0                        # sampling seed of `mmupt synth` (None: unseeded)
+    seeds_per_batch: int = Field(8, ge=1)       # seeds (and answer checks) handed to the model together
+    # ---- filters ----
+    # Unparseable: the reply must give the question after its marker ("Question:" / "New question:")
+    # as clean text. False: the whole reply is the question (for models that ignore the format).
+    require_marker: bool = True
+    min_words: int = Field(4, ge=0)             # too short below this (0: off)
+    max_words: int = Field(150, ge=0)           # too long above this (0: off)
+    # Duplicates of a seed question or of each other, among questions about the same image(s):
+    # equal normalised text, or content-word Jaccard similarity at least this (1.0: equal words only).
+    dedup: bool = True
+    near_duplicate_similarity: float = Field(0.8, gt=0, le=1)
+    # Self-consistency: G answers sampled with the training prompt (rollout temperature, top_p and
+    # max_new_tokens); a question is kept only if its majority share is at least min_majority_share
+    # (0: off). None: G = rollout.group_size.
+    answer_samples: int | None = Field(None, ge=1)
+    min_majority_share: float = Field(0.5, ge=0, le=1)
+    drop_unanimous: bool = False                # also drop questions every sample answers alike
+    # Questions that do not need the image: G more answers without it; dropped when they reach the
+    # same majority answer with a share at least (share with the image - image_margin).
+    image_check: bool = True
+    image_margin: float = Field(0.0, ge=0, le=1)
+    # ---- continual mode (the learner) ----
+    # Share of admitted prompts that are synthetic, generated on the fly through the live rollout
+    # servers' API from the training set's images (0: off; 1: synthetic prompts only).
+    ratio: float = Field(0.0, ge=0, le=1)
+    ready_prompts: int = Field(8, ge=1)         # filtered synthetic prompts kept ready (bounded buffer)
+
+
 class AuthSettings(Section):
     # Token for weight pushes and other state-changing calls. Prefer token_file (a mounted secret).
     token: str | None = Field(None, repr=False)
@@ -275,6 +317,7 @@ class Settings(Section):
     voter: VoterSettings = VoterSettings()
     learner: LearnerSettings = LearnerSettings()
     deployment: DeploymentSettings = DeploymentSettings()
+    synth: SynthSettings = SynthSettings()
     auth: AuthSettings = AuthSettings()
     weights: WeightSyncSettings = WeightSyncSettings()
 

@@ -154,6 +154,13 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
+def _answer(value) -> str | None:
+    """An empty answer is no answer: synthetic questions (the paper's data sets, `mmupt synth`) leave
+    it empty, and monitoring must not score the majority against ""."""
+    text = _text(value)
+    return text if text is not None and text.strip() else None
+
+
 def _item(row: dict, label: str, path: Path, cfg: DataSettings, reader: _ImageReader) -> Item:
     where = f"{path}: {label}"
     for column, setting in _required(cfg).items():
@@ -175,7 +182,7 @@ def _item(row: dict, label: str, path: Path, cfg: DataSettings, reader: _ImageRe
         raise DataError(f"{where}: {exc}") from None
     item_id = row.get(cfg.id_column)
     return Item(id=str(item_id) if item_id is not None else f"{path.stem}-{label.split()[-1]}",
-                problem=problem, images=images, answer=_text(row.get(cfg.answer_column)),
+                problem=problem, images=images, answer=_answer(row.get(cfg.answer_column)),
                 options=[str(o) for o in _as_list(row.get(cfg.options_column))])
 
 

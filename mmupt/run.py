@@ -148,6 +148,7 @@ def summarize(streams: Streams, rollout: dict | None, status: str, started: floa
         "rollout_weights_checksum": rollout.get("checksum") if rollout else None,
         "initial_weights_checksum": rollout.get("initial_checksum") if rollout else None,
         "prompts_admitted": int(state.get("admitted", 0)),
+        "prompts_synthetic": int(state.get("synthetic", 0)),
         "groups_trained": int(state.get("trained", 0)),
         "groups_dropped_stale": int(state.get("dropped_stale", 0)),
         "groups_dropped_vote": int(state.get("dropped_vote", 0)),

@@ -86,7 +86,7 @@ def learner_settings(tiny_model_dir, shapes_dir, redis_url, run_id, checkpoint_d
     })
 
 
-def make_learner(settings):
+def make_learner(settings, synthetic=None):
     """A real learner: DeepSpeed engine, Redis streams, the tiny model (one rank)."""
     from mmupt.data import load_jsonl
     from mmupt.model import load_processor
@@ -98,7 +98,8 @@ def make_learner(settings):
     streams.ensure_groups()
     engine = PolicyEngine(settings.model, settings.learner, settings.rollout.temperature)
     pusher = WeightPusher("test-token", settings.run_id, settings.learner.push_chunk_bytes, 10)
-    return Learner(settings, streams, engine, load_processor(settings.model), pusher, load_jsonl(settings.data.train))
+    return Learner(settings, streams, engine, load_processor(settings.model), pusher, load_jsonl(settings.data.train),
+                   synthetic)
 
 
 def run_learner(settings, resume: bool = False, feeder: Feeder | None = None):

@@ -20,7 +20,7 @@ from mmupt.streams import Entry, Streams
 from mmupt.wire import ScoredMsg
 
 COUNTERS = ("admitted", "trained", "dropped_stale", "dropped_vote", "skipped_zero_advantage", "duplicates",
-            "deadlettered")
+            "deadlettered", "synthetic")  # synthetic: admitted prompts written by the model (continual mode)
 # Entry id of a group replayed from the ledger rather than read from the stream. "0-0" is never an
 # entry's id (XADD refuses it), so acking it is a harmless no-op.
 REPLAYED_ID = b"0-0"

@@ -24,6 +24,7 @@ from mmupt.images import ImageError, ImageStore
 from mmupt.model import load_processor
 from mmupt.service import Service, base_app
 from mmupt.streams import Entry, Streams, connect
+from mmupt.synth.continual import ContinualSynthesis, start_continual
 from mmupt.wire import PAYLOAD_FIELD, MalformedMessage, PromptMsg, ScoredMsg, decode, encode
 
 from . import metrics
@@ -37,11 +38,13 @@ from .train_log import TrainLog
 from .weight_push import make_pusher
 
 log = logging.getLogger(__name__)
+SYNTHETIC_PREFIX = "synth:"  # group ids of synthetic prompts (dataset prompts are "epoch:cursor")
 
 
 class Learner:
     def __init__(self, settings: Settings, streams: Streams, engine: PolicyEngine, processor,
-                 pusher: WeightPusher, items: list[Item], lockstep: Lockstep | None = None):
+                 pusher: WeightPusher, items: list[Item], synthetic: ContinualSynthesis | None = None,
+                 lockstep: Lockstep | None = None):
         self.cfg = settings
         self.lc = settings.learner
         self.streams = streams
@@ -50,6 +53,7 @@ class Learner:
         self.processor = processor
         self.pusher = pusher
         self.items = items
+        self.synthetic = synthetic  # continual mode: synthetic prompts mixed in at synth.ratio
         self.images = ImageStore(streams.r, streams.keys, settings.streams.image_ttl_s)
         self.batches = BatchBuilder(settings, processor)
         self.lockstep = lockstep or Lockstep(rank_operations(engine, self.batches, processor, self.lc))
@@ -111,12 +115,26 @@ class Learner:
                  f" (resumed from {checkpoint})" if checkpoint else "", len(self.buffer))
 
     def readmit(self, inflight: dict[str, int]) -> None:
-        """Admit again the prompts a checkpoint had in flight (their entries died with Redis)."""
+        """Admit again the prompts a checkpoint had in flight (their entries died with Redis).
+
+        A dataset prompt's group id "epoch:cursor" names its item. A synthetic prompt ("synth:n") was
+        generated on the fly and kept nowhere else: it is dead-lettered with that reason, so the account
+        still adds up and the loss is explained.
+        """
+        synthetic = sorted(g for g in inflight if g.startswith(SYNTHETIC_PREFIX))
+        for group_id in synthetic:
+            pipe = self.streams.r.pipeline(transaction=True)
+            pipe.xadd(self.keys.deadletter, {b"stream": b"prompts", b"entry_id": b"", b"group_id": group_id.encode(),
+                                             b"service": b"learner", b"time": str(time.time()).encode(),
+                                             b"reason": b"synthetic prompt lost with Redis: it cannot be rebuilt"})
+            pipe.hincrby(self.keys.state, "deadlettered", 1)
+            pipe.execute()
+
         def position(group_id: str) -> tuple[int, int]:
             epoch, cursor = group_id.split(":")
             return int(epoch), int(cursor)
 
-        for group_id in sorted(inflight, key=position):  # in their first admission order
+        for group_id in sorted(set(inflight) - set(synthetic), key=position):  # in their first admission order
             epoch, cursor = position(group_id)
             self._publish_prompt(group_id, epoch, self._item(epoch, cursor), inflight[group_id])
 
@@ -135,6 +153,20 @@ class Learner:
         if cursor >= len(self.items):
             epoch, cursor = epoch + 1, 0
         return epoch, cursor, self._item(epoch, cursor)
+
+    def _next_prompt(self) -> tuple[str, int, int | None, Item] | None:
+        """(group id, epoch, dataset cursor or None for a synthetic prompt, item) of the next prompt: a
+        synthetic one when one is due and ready, else the next dataset item; None while synthetic-only waits."""
+        if self.synthetic is not None:
+            state = self.streams.state()
+            if self.synthetic.due(state):
+                item = self.synthetic.take()
+                if item is not None:
+                    return f"{SYNTHETIC_PREFIX}{state.get('synthetic', 0)}", int(state.get("epoch", 0)), None, item
+                if self.synthetic.only:
+                    return None
+        epoch, cursor, item = self._next_item()
+        return f"{epoch}:{cursor}", epoch, cursor, item
 
     def admission_room(self) -> int:
         """AReaL-style: untrained groups in flight <= (max_staleness + 1) rollout batches; never beyond
@@ -163,13 +195,19 @@ class Learner:
         for _ in range(self.admission_room()):
             if stop.is_set():
                 break
-            epoch, cursor, item = self._next_item()
+            prompt = self._next_prompt()
+            if prompt is None:  # synthetic-only and none ready yet
+                break
+            group_id, epoch, cursor, item = prompt
 
             def count(pipe, epoch=epoch, cursor=cursor):
-                pipe.hset(self.keys.state, mapping={"epoch": epoch, "cursor": cursor + 1})
+                if cursor is None:
+                    pipe.hincrby(self.keys.state, "synthetic", 1)
+                else:
+                    pipe.hset(self.keys.state, mapping={"epoch": epoch, "cursor": cursor + 1})
                 pipe.hincrby(self.keys.state, "admitted", 1)
 
-            self._publish_prompt(f"{epoch}:{cursor}", epoch, item, self.version, count)
+            self._publish_prompt(group_id, epoch, item, self.version, count)
             metrics.ADMITTED.inc()
             admitted += 1
         return admitted
@@ -415,7 +453,8 @@ def run(settings: Settings, resume: bool = False) -> int:
     stream_metrics.register(streams)
     items = load_items(settings.data.train, settings.data, settings.streams)
     pusher = make_pusher(settings, token)
-    learner = Learner(settings, streams, engine, processor, pusher, items)
+    synthetic = start_continual(settings, items, streams, service)
+    learner = Learner(settings, streams, engine, processor, pusher, items, synthetic)
     try:
         learner.start(resume)
     except LedgerMismatch as exc:
@@ -426,10 +465,16 @@ def run(settings: Settings, resume: bool = False) -> int:
 
     @app.get("/v1/status")
     def status():
+        synthesis = {"synthesis": synthetic.report.as_dict()} if synthetic else {}
         return {"version": learner.version, "step": learner.step, "max_steps": settings.learner.max_steps,
-                **streams.state(), **learner.ledger.counters(), "uncommitted": len(learner.ledger.held)}
+                **streams.state(), **learner.ledger.counters(), "uncommitted": len(learner.ledger.held), **synthesis}
 
     service.serve_http(app, settings.learner.host, settings.learner.http_port)
 
     service.task("train", lambda: learner.run(service.stop))
-    return service.run_until_stopped(pusher.close)
+    def on_stop() -> None:
+        pusher.close()
+        if synthetic is not None:
+            synthetic.close()
+
+    return service.run_until_stopped(on_stop)
