@@ -7,7 +7,8 @@ samples at the rollout temperature that are right, `maj_accuracy` the share of q
 majority of k is right). Reported: wall-clock seconds per optimizer step (first to last step, so
 model loading and start-up are left out for both) and held-out accuracy, and the ratios.
 
-- mmupt: `mmupt run` (rollout, voter and learner as separate processes, the asynchronous default).
+- mmupt: `mmupt run` (rollout, voter and learner as separate processes), in the asynchronous
+  default and with `learner.async: false` (on-policy, as TRL's loop is).
 - TRL (`pip install -e ".[bench]"`, trl 1.16): `GRPOTrainer` in one process, generating with
   transformers. The reward function is mmupt's voter (services/voter: the last `\\boxed{}`, the
   configured grader and tie policy): each group of G completions of one prompt votes, and a
@@ -53,12 +54,15 @@ def bench_settings(args) -> Settings:
 
 
 # ---- mmupt --------------------------------------------------------------------------------------
-def run_mmupt(settings: Settings, out: Path) -> dict:
-    summary = run_module.run(settings, out, run_id=f"bench-vs-trl-{os.getpid()}")
+def run_mmupt(settings: Settings, out: Path, asynchronous: bool) -> dict:
+    mode = "async" if asynchronous else "sync"
+    settings = settings.model_copy(deep=True)
+    settings.learner.async_ = asynchronous
+    summary = run_module.run(settings, out, run_id=f"bench-vs-trl-{mode}-{os.getpid()}")
     if summary["status"] != "finished":
-        raise SystemExit(f"mmupt run did not finish: {summary['status']}")
+        raise SystemExit(f"mmupt run ({mode}) did not finish: {summary['status']}")
     times = [row["time"] for row in TrainLog(out / "checkpoints" / "train_log.jsonl").rows()]
-    return {"system": "mmupt", "steps": summary["steps"], "seconds_per_step": (times[-1] - times[0]) / (len(times) - 1),
+    return {"system": f"mmupt ({mode})", "steps": summary["steps"], "seconds_per_step": (times[-1] - times[0]) / (len(times) - 1),
             "wall_s": summary["wall_seconds"], "model_dir": summary["checkpoint"], "mean_reward": summary["mean_reward"]}
 
 
@@ -163,14 +167,15 @@ def plot(before: dict, results: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     names = [r["system"] for r in results]
-    left.bar(names, [r["seconds_per_step"] for r in results], color=["tab:blue", "tab:orange"])
+    colours = ["tab:blue", "tab:cyan", "tab:orange"]
+    left.bar(names, [r["seconds_per_step"] for r in results], color=colours)
     left.set_ylabel("seconds per optimizer step")
-    left.set_title(f"TRL / mmupt = {results[1]['seconds_per_step'] / results[0]['seconds_per_step']:.2f}x", fontsize=10)
-    labels = ["base"] + names
-    right.bar(labels, [before["accuracy"]] + [r["eval"]["accuracy"] for r in results],
-              color=["tab:gray", "tab:blue", "tab:orange"])
+    left.set_title(f"TRL / mmupt (async) = {results[-1]['seconds_per_step'] / results[0]['seconds_per_step']:.2f}x",
+                   fontsize=10)
+    right.bar(["base"] + names, [before["accuracy"]] + [r["eval"]["accuracy"] for r in results],
+              color=["tab:gray"] + colours)
     right.set_ylabel(f"held-out accuracy (avg@{before['k']})")
     right.set_title(f"after {results[0]['steps']} steps", fontsize=10)
     fig.tight_layout()
@@ -198,10 +203,12 @@ def main() -> None:
           f"{lc.max_steps} steps of {lc.batch_groups} prompts x G={rc.group_size} x <= {rc.max_new_tokens} new tokens",
           flush=True)
     before = heldout(settings, settings.model.path, args.eval_limit, args.eval_k)
-    results = [run_mmupt(settings, work / "mmupt"), run_trl(settings, work / "trl")]
+    # mmupt's default (async) and, for an on-policy comparison with TRL's loop, mmupt with async: false.
+    results = [run_mmupt(settings, work / "mmupt-async", True), run_mmupt(settings, work / "mmupt-sync", False),
+               run_trl(settings, work / "trl")]
     for r in results:
         r["eval"] = heldout(settings, r["model_dir"], args.eval_limit, args.eval_k)
-    speed = results[1]["seconds_per_step"] / results[0]["seconds_per_step"]
+    speed = results[-1]["seconds_per_step"] / results[0]["seconds_per_step"]
     print(f"\n| system | s / step | steps / min | mean train reward | held-out accuracy (avg@{args.eval_k}) | "
           f"maj@{args.eval_k} |\n|---|---|---|---|---|---|")
     print(f"| base model | | | | {before['accuracy']:.3f} | {before['maj_accuracy']:.3f} |")
@@ -209,8 +216,9 @@ def main() -> None:
         print(f"| {r['system']} | {r['seconds_per_step']:.2f} | {60 / r['seconds_per_step']:.1f} | "
               f"{r['mean_reward'] if r['mean_reward'] is None else round(r['mean_reward'], 3)} | "
               f"{r['eval']['accuracy']:.3f} | {r['eval']['maj_accuracy']:.3f} |")
-    print(f"\nTRL / mmupt seconds per step: {speed:.2f}x (above 1: mmupt is faster); held-out accuracy "
-          f"mmupt {results[0]['eval']['accuracy']:.3f} vs TRL {results[1]['eval']['accuracy']:.3f}")
+    print(f"\nTRL / mmupt (async) seconds per step: {speed:.2f}x (above 1: mmupt is faster); held-out accuracy "
+          f"mmupt {results[0]['eval']['accuracy']:.3f} (sync {results[1]['eval']['accuracy']:.3f}) vs TRL "
+          f"{results[-1]['eval']['accuracy']:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
