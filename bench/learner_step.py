@@ -32,9 +32,10 @@ from mmupt.shapes_task import write_dataset
 from mmupt.wire import GroupMsg, Response, Sampling, ScoredMsg, Vote, pack_floats, pack_ids
 
 
-def sample_batch(settings, groups: int, group_size: int, new_tokens: int) -> list[tuple[ScoredMsg, list[bytes]]]:
-    """`groups` groups sampled by the rollout backend, half of each group rewarded."""
-    backend = TransformersBackend(settings.model)
+def sample_batch(settings, groups: int, group_size: int, new_tokens: int,
+                 backend: TransformersBackend | None = None) -> list[tuple[ScoredMsg, list[bytes]]]:
+    """`groups` groups sampled by the rollout backend (a fresh one unless given), half of each group rewarded."""
+    backend = backend or TransformersBackend(settings.model)
     params = SamplingParams(n=group_size, temperature=1.0, max_new_tokens=new_tokens, seed=0)
     out = []
     for i, item in enumerate(load_jsonl(settings.data.train)[:groups]):

@@ -171,6 +171,11 @@ class LearnerSettings(Section):
     # Groups more than this many versions behind the learner are dropped (counted) at consumption;
     # admission keeps in-flight prompts within what this allows.
     max_staleness: int = Field(2, ge=0)
+    # `async: false` is the synchronous loop: the learner admits the next rollout batch only after it
+    # has taken its step and pushed the weights, and rollout servers sample only at the newest
+    # version (no overlap of generation and training; staleness 0, whatever max_staleness says).
+    # `async` is a Python keyword, so the attribute is `async_`; YAML and MMUPT_LEARNER__ASYNC use `async`.
+    async_: bool = Field(True, alias="async")
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     offload_optimizer: bool = False   # ZeRO optimizer state in CPU memory
@@ -189,6 +194,11 @@ class LearnerSettings(Section):
     push_timeout_s: float = Field(120.0, gt=0)
     # Chunk size of gRPC weight pushes (256 KiB measured fastest on loopback).
     push_chunk_bytes: int = Field(256 * 1024, gt=0)
+
+    @property
+    def staleness_bound(self) -> int:
+        """Versions a trained group may trail the learner: max_staleness, or 0 in synchronous mode."""
+        return self.max_staleness if self.async_ else 0
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -322,7 +332,8 @@ class Settings(Section):
     weights: WeightSyncSettings = WeightSyncSettings()
 
     def dump_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # by_alias: fields named after Python keywords (learner.async) keep their YAML name
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

@@ -232,7 +232,8 @@ def batch_section(plan: Plan, settings: Settings) -> None:
     per_rank = per_step / ranks
     accumulation = per_rank / lc.micro_groups
     seq_len = ro.max_prompt_tokens + ro.max_new_tokens
-    window = (lc.max_staleness + 1) * per_step
+    window = (lc.staleness_bound + 1) * per_step
+    bound = f"max_staleness {lc.max_staleness}" if lc.async_ else "async: false, staleness 0"
     lines = [
         Line("prompts per rollout step", f"batch_groups {per_step} x updates_per_batch {updates}", f"{per_rollout}"),
         Line("responses per rollout step", f"{per_rollout} x group_size {g}", f"{per_rollout * g}"),
@@ -246,7 +247,7 @@ def batch_section(plan: Plan, settings: Settings) -> None:
              f"{accumulation:g} micro-batches per rank per step"),
         Line("generated tokens per rollout step", f"{per_rollout * g} x max_new_tokens {ro.max_new_tokens}",
              f"<= {per_rollout * g * ro.max_new_tokens / 1e6:.1f} M"),
-        Line("prompts in flight (admission)", f"(max_staleness {lc.max_staleness} + 1) x {per_step}", f"<= {window}"),
+        Line("prompts in flight (admission)", f"({bound} + 1) x {per_step}", f"<= {window}"),
         Line("run length", f"max_steps {lc.max_steps} x {per_step}", f"{lc.max_steps * per_step} prompts"
              + _epochs(plan, lc.max_steps * per_step)),
     ]

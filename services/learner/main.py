@@ -170,10 +170,13 @@ class Learner:
 
     def admission_room(self) -> int:
         """AReaL-style: untrained groups in flight <= (max_staleness + 1) rollout batches; never beyond
-        what max_steps needs; never more than the prompts stream has room for (admission never blocks)."""
+        what max_steps needs; never more than the prompts stream has room for (admission never blocks).
+
+        Synchronous mode (`async: false`) bounds staleness at 0: one rollout batch at a time, and the
+        next is admitted only once the last is trained and its weights pushed (run() admits after push)."""
         counts = self.ledger.counters()
         untrained = counts["in_flight"] - len(self.ledger.held)
-        window = (self.lc.max_staleness + 1) * self.rollout_groups - untrained
+        window = (self.lc.staleness_bound + 1) * self.rollout_groups - untrained
         remaining = self.lc.max_steps * self.lc.batch_groups - counts["trained"] - counts["in_flight"]
         capacity = self.cfg.streams.max_len - self.streams.r.xlen(self.keys.prompts)
         return max(0, min(window, remaining, capacity))
@@ -253,13 +256,13 @@ class Learner:
         self.drop_stale()
 
     def drop_stale(self) -> None:
-        """Drop (and count) groups more than max_staleness versions old and, with skip_zero_advantage,
-        groups without signal. Groups replayed after a resume were accepted before: they stay."""
+        """Drop (and count) groups more than max_staleness versions old (0 in synchronous mode) and, with
+        skip_zero_advantage, groups without signal. Groups replayed after a resume were accepted before: they stay."""
         keep, stale, flat = [], [], []
         for entry, scored in self.buffer:
             if entry.id == REPLAYED_ID:
                 keep.append((entry, scored))
-            elif self.version - scored.group.policy_version > self.lc.max_staleness:
+            elif self.version - scored.group.policy_version > self.lc.staleness_bound:
                 stale.append((entry, scored))
             elif self.lc.skip_zero_advantage and zero_advantage(scored.vote.rewards):
                 flat.append((entry, scored))
@@ -298,8 +301,9 @@ class Learner:
             self.buffer = good + self.buffer  # wait for replacements
             return []
         updates = self.lockstep.call("train", groups=[entry.payload for entry, _ in good], images=images)
-        for _, s in good:
-            metrics.VERSION_LAG.observe(self.version - s.group.policy_version)
+        lags = [self.version - s.group.policy_version for _, s in good]  # versions each group trails the policy
+        for lag in lags:
+            metrics.VERSION_LAG.observe(lag)
         self.step += len(updates)
         self.version += 1
         rewards = [r for _, s in good for r in s.vote.rewards]
@@ -307,6 +311,7 @@ class Learner:
                                 "last_mean_reward": sum(rewards) / len(rewards)})
         for i, stats in enumerate(updates):
             part = good[i * self.lc.batch_groups:(i + 1) * self.lc.batch_groups]
+            stats["version_lag_max"] = max(lags[i * self.lc.batch_groups:(i + 1) * self.lc.batch_groups])
             part_rewards = [r for _, s in part for r in s.vote.rewards]
             stats["mean_reward"] = sum(part_rewards) / len(part_rewards)
             self._observe(stats, self.step - len(updates) + 1 + i, len(part))

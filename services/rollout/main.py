@@ -41,9 +41,10 @@ class RolloutWorker:
                                      max_new_tokens=r.max_new_tokens, seed=r.seed)
 
     def too_stale(self) -> bool:
-        """Cold sync: take no training prompts while more than max_staleness versions behind."""
+        """Cold sync: take no training prompts while more than max_staleness versions behind (in
+        synchronous mode, any version behind: wait for the learner's new weights)."""
         learner_version = self.streams.state_int("version", 0)
-        stale = self.backend.version + self.cfg.learner.max_staleness < learner_version
+        stale = self.backend.version + self.cfg.learner.staleness_bound < learner_version
         metrics.WAITING_FOR_WEIGHTS.set(int(stale))
         return stale
 
