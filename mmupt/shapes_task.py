@@ -3,7 +3,7 @@
 Each item is a small image of circles, squares and triangles in four colours, and a question of one
 of these types (`write_dataset(questions=...)` picks which; the default is `color`):
 
-- `color`: one shape; "What color is the shape?" (answer: red, green, blue or yellow);
+- `color`: one shape; "What color is the shape?" (answer: red, green, blue or purple);
 - `count`: 1..max_shapes shapes; how many in all;
 - `count_color` / `count_kind`: how many of one colour / of one kind.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "purple": (140, 50, 170)}  # no yellow: too close to the white ground
 KINDS = ("circle", "square", "triangle")
 QUESTION_TYPES = ("color", "count", "count_color", "count_kind")
 DEFAULT_QUESTIONS = ("color",)
@@ -48,11 +48,12 @@ def _overlaps(a, b, gap=3) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _place(rng: random.Random, n: int, size: int) -> list[tuple[int, int, int, int]]:
+def _place(rng: random.Random, n: int, size: int, sides: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+    low, high = sides or (size // 8, size // 5)
     boxes: list[tuple[int, int, int, int]] = []
     while len(boxes) < n:
         for _ in range(200):
-            side = rng.randint(size // 8, size // 5)
+            side = rng.randint(low, high)
             x, y = rng.randint(2, size - side - 2), rng.randint(2, size - side - 2)
             box = (x, y, x + side, y + side)
             if not any(_overlaps(box, other) for other in boxes):
@@ -78,15 +79,15 @@ def draw(shapes: list[Shape], size: int) -> Image.Image:
     return img
 
 
-def _shapes(rng: random.Random, n: int, size: int) -> list[Shape]:
-    return [Shape(rng.choice(KINDS), rng.choice(list(COLORS)), box) for box in _place(rng, n, size)]
+def _shapes(rng: random.Random, n: int, size: int, sides: tuple[int, int] | None = None) -> list[Shape]:
+    return [Shape(rng.choice(KINDS), rng.choice(list(COLORS)), box) for box in _place(rng, n, size, sides)]
 
 
 def make_item(rng: random.Random, question_type: str, size: int = 112,
               max_shapes: int = MAX_SHAPES) -> tuple[Image.Image, str, str]:
     """One image, its question and the answer, for a question type of QUESTION_TYPES."""
     if question_type == "color":
-        shapes = _shapes(rng, 1, size)
+        shapes = _shapes(rng, 1, size, sides=(size // 3, size // 2))  # one shape, large enough to see
         return draw(shapes, size), QUESTION_COLOR, shapes[0].color
     shapes = _shapes(rng, rng.randint(1, max_shapes), size)
     if question_type == "count":

@@ -8,7 +8,6 @@ import random
 import pytest
 
 from mmupt import shapes_task
-from mmupt.config import load_settings
 from mmupt.eval import heldout_accuracy, load_benchmark
 from mmupt.make_base import BASE_MARKER, BaseRecipe, build_base
 
@@ -60,7 +59,3 @@ def test_heldout_accuracy_reports_sampled_majority_and_greedy(settings, shapes_d
     again = heldout_accuracy(settings, items, k=2, temperature=1.0, max_tokens=6, seed=7)
     assert again["greedy_accuracy"] == result["greedy_accuracy"]
 
-
-def test_tiny_base_is_what_the_default_config_builds():
-    settings = load_settings("configs/tiny-cpu.yaml", environ={})
-    assert settings.model.build_if_missing == "tiny-base" and settings.model.path.endswith("tiny-base")
