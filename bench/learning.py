@@ -64,7 +64,13 @@ def synthesise(settings, work: Path, limit: int | None) -> tuple[str, dict]:
     from mmupt.synth.command import run_synthesis  # noqa: PLC0415
 
     out = work / "synth" / "train.jsonl"
-    if out.exists():
+    report_file = work / "synth" / "train.report.json"
+    if report_file.is_file():   # a finished synthesis with the same base model is reused
+        report = json.loads(report_file.read_text())
+        if report.get("status") == "finished" and report.get("model_version") == settings.model.path:
+            log.info("reusing the synthetic questions in %s", out)
+            return str(out), report
+    if out.parent.exists():
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(out.parent)
