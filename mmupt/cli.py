@@ -117,10 +117,21 @@ def cmd_build_tiny(args) -> int:
     return 0
 
 
+def cmd_make_base(args) -> int:
+    from dataclasses import replace
+
+    from .make_base import BaseRecipe, build_base
+
+    changes = {k: v for k, v in {"seed": args.seed, "label_noise": args.label_noise, "clean_steps": args.clean_steps,
+                                 "noisy_steps": args.noisy_steps}.items() if v is not None}
+    print(build_base(args.out, replace(BaseRecipe(), **changes)))
+    return 0
+
+
 def cmd_make_data(args) -> int:
     from .shapes_task import write_dataset
 
-    train, test = write_dataset(args.out, args.train, args.eval, args.seed)
+    train, test = write_dataset(args.out, args.train, args.eval, args.seed, args.questions)
     print(f"{train}\n{test}")
     return 0
 
@@ -215,11 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_build_tiny)
 
+    p = sub.add_parser("make-base", help="build the weak tiny base model of the learning demo (SFT with labels)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--label-noise", type=float, default=None, help="share of wrong answers in the noisy stage")
+    p.add_argument("--clean-steps", type=int, default=None)
+    p.add_argument("--noisy-steps", type=int, default=None)
+    p.set_defaults(func=cmd_make_base)
+
     p = sub.add_parser("make-data", help="write the synthetic shapes task (train and held-out splits)")
     p.add_argument("--out", required=True)
     p.add_argument("--train", type=int, default=512)
     p.add_argument("--eval", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--questions", nargs="+", default=["color"],
+                   choices=["color", "count", "count_color", "count_kind"], help="question types (default: color)")
     p.set_defaults(func=cmd_make_data)
     return parser
 

@@ -29,8 +29,10 @@ class Section(BaseModel):
 
 class ModelSettings(Section):
     path: str = "artifacts/tiny-qwen2_5_vl"
-    # Build the tiny offline Qwen2.5-VL at `path` when the folder does not exist (demo and tests).
-    build_tiny_if_missing: bool = False
+    # When `path` has no model: "no" refuses to start; "tiny" builds the tiny offline Qwen2.5-VL
+    # (random weights); "tiny-base" builds it and trains it with labels into the weak base model of
+    # the learning demo (`mmupt make-base`, about 2-3 minutes on 2 cores).
+    build_if_missing: Literal["no", "tiny", "tiny-base"] = "no"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     min_pixels: int = Field(56 * 56, gt=0)
@@ -51,6 +53,9 @@ class DataSettings(Section):
     synthetic_train_size: int = Field(512, gt=0)
     synthetic_eval_size: int = Field(128, gt=0)
     synthetic_seed: int = 0
+    # Question types of the synthetic task (mmupt/shapes_task.py): color, count, count_color, count_kind.
+    synthetic_questions: list[Literal["color", "count", "count_color", "count_kind"]] = Field(
+        default_factory=lambda: ["color"], min_length=1)
     shuffle_seed: int = 0
     # Column names (JSONL fields) of the files; MM-UPT/EasyR1 data uses problem / images / answer.
     # problem and images are required; answer, id and options are used when the file has them.
@@ -66,6 +71,15 @@ class DataSettings(Section):
 class PromptSettings(Section):
     suffix: str = " Please reason step by step, and put your final answer within \\boxed{}."
     system: str | None = None  # None keeps the chat template's default system message
+
+
+class EvaluationSettings(Section):
+    """Held-out accuracy that `mmupt run` measures before and after training (data.eval, its labels
+    read for evaluation only): k samples per question at the rollout temperature, plus greedy."""
+    enabled: bool = True
+    k: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1)      # first N held-out questions (None: all)
+    temperature: float | None = Field(None, ge=0)  # None: rollout.temperature
 
 
 class StreamSettings(Section):
@@ -330,6 +344,7 @@ class Settings(Section):
     synth: SynthSettings = SynthSettings()
     auth: AuthSettings = AuthSettings()
     weights: WeightSyncSettings = WeightSyncSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     def dump_yaml(self) -> str:
         # by_alias: fields named after Python keywords (learner.async) keep their YAML name

@@ -241,6 +241,6 @@ def ensure_data(settings: DataSettings) -> None:
 
     out_dir = Path(settings.train).parent
     train, test = shapes_task.write_dataset(out_dir, settings.synthetic_train_size, settings.synthetic_eval_size,
-                                            settings.synthetic_seed)
+                                            settings.synthetic_seed, settings.synthetic_questions)
     if train != Path(settings.train) or (settings.eval and test != Path(settings.eval)):
         raise DataError(f"synthetic data is written as {train} and {test}; point data.train/data.eval there")

@@ -303,3 +303,24 @@ def run_evaluation(settings, benchmark: str | Path, out: Path, cfg: EvalConfig, 
     print(format_table(result["summary"], cfg.k))
     print(f"results: {paths['json']}  table: {paths['table']}  plot: {paths['plot']}")
     return result
+
+
+def heldout_accuracy(settings, items: list[EvalItem], k: int, temperature: float, max_tokens: int,
+                     model_dir: str | None = None, grader_name: str | None = None, seed: int = 0) -> dict:
+    """Held-out accuracy of a local model, as `mmupt run` and the learning benchmark report it:
+    `accuracy` (share of k samples at `temperature` that are right, averaged over questions),
+    `maj_accuracy` (the majority of the k samples is right) and `greedy_accuracy` (temperature 0)."""
+    from .sampler import open_sampler  # noqa: PLC0415
+    from .services.voter.grading import make_grader  # noqa: PLC0415
+
+    grader = make_grader(grader_name or settings.voter.grader)
+    sampler = open_sampler(settings, model_dir=model_dir)
+    try:
+        sampled = evaluate(items, sampler, EvalConfig(k=k, temperature=temperature, max_tokens=max_tokens, seed=seed),
+                           grader, settings.prompt, show_bar=False)["summary"]["overall"]
+        greedy = evaluate(items, sampler, EvalConfig(k=1, temperature=0.0, max_tokens=max_tokens, seed=seed),
+                          grader, settings.prompt, show_bar=False)["summary"]["overall"]
+    finally:
+        sampler.close()
+    return {"accuracy": round(sampled[f"avg@{k}"], 4), "greedy_accuracy": round(greedy["accuracy"], 4),
+            "maj_accuracy": round(sampled[f"maj@{k}"], 4), "k": k, "temperature": temperature, "n": sampled["n"]}

@@ -70,14 +70,19 @@ def load_model(settings: ModelSettings, device: torch.device | None = None):
 
 
 def ensure_model(settings: ModelSettings) -> Path:
-    """Return the model folder, building the tiny model there if allowed and missing."""
+    """Return the model folder, building the tiny model (or the tiny base) there if allowed and missing."""
     path = Path(settings.path)
     if (path / "config.json").is_file():
         return path
-    if not settings.build_tiny_if_missing:
-        raise FileNotFoundError(f"model folder {path} has no config.json (set model.build_tiny_if_missing "
-                                "to build the tiny demo model there)")
-    build_tiny(path)
+    if settings.build_if_missing == "no":
+        raise FileNotFoundError(f"model folder {path} has no config.json (set model.build_if_missing to "
+                                "'tiny' or 'tiny-base' to build the demo model there)")
+    if settings.build_if_missing == "tiny":
+        build_tiny(path)
+    else:
+        from .make_base import build_base  # noqa: PLC0415
+
+        build_base(path)
     return path
 
 

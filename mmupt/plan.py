@@ -468,12 +468,14 @@ def architecture(settings: Settings) -> Architecture:
     """The model's architecture; the tiny demo model is built in a scratch folder when it is missing."""
     path = Path(settings.model.path)
     try:
-        if not (path / "config.json").is_file() and settings.model.build_tiny_if_missing:
+        if not (path / "config.json").is_file() and settings.model.build_if_missing != "no":
+            from .make_base import BaseRecipe
             from .model import build_tiny
 
+            sizes = BaseRecipe().architecture() if settings.model.build_if_missing == "tiny-base" else {}
             with tempfile.TemporaryDirectory() as scratch:
-                arch = find_architecture(build_tiny(Path(scratch) / "tiny"))
-            return replace(arch, name="tiny Qwen2.5-VL", source="built at start (model.build_tiny_if_missing)")
+                arch = find_architecture(build_tiny(Path(scratch) / "tiny", **sizes))
+            return replace(arch, name="tiny Qwen2.5-VL", source=f"built at start (model.build_if_missing: {settings.model.build_if_missing})")
         return find_architecture(path)
     except Exception as exc:  # a broken config.json raises many types
         raise PlanError(f"cannot plan: {exc}") from None

@@ -163,6 +163,23 @@ def summarize(streams: Streams, rollout: dict | None, status: str, started: floa
     }
 
 
+def measure_heldout(settings: Settings, model_dir: str | None, when: str) -> dict | None:
+    """Held-out accuracy of `model_dir` on data.eval (its labels read for evaluation only), or None
+    when evaluation is off, there is no held-out file or no model."""
+    ev = settings.evaluation
+    if not (ev.enabled and settings.data.eval and model_dir):
+        return None
+    from .eval import heldout_accuracy, load_benchmark  # noqa: PLC0415
+
+    items = load_benchmark(settings.data.eval, ev.limit)
+    temperature = settings.rollout.temperature if ev.temperature is None else ev.temperature
+    log.info("measuring held-out accuracy %s training (%d questions, k=%d)", when, len(items), ev.k)
+    result = heldout_accuracy(settings, items, ev.k, temperature, settings.rollout.max_new_tokens, model_dir=model_dir)
+    log.info("held-out %s: accuracy %.3f, greedy %.3f, maj@%d %.3f", when, result["accuracy"],
+             result["greedy_accuracy"], ev.k, result["maj_accuracy"])
+    return result
+
+
 def run(settings: Settings, out: Path, run_id: str | None = None, resume: bool = False) -> dict:
     """`resume`: continue the run in `out` (same run_id) from its newest checkpoint."""
     started = time.monotonic()
@@ -178,6 +195,7 @@ def run(settings: Settings, out: Path, run_id: str | None = None, resume: bool =
     status, rollout = "failed", None
     try:
         resolved, config_path, env = prepare(settings, out, run_id, redis_url)
+        eval_before = measure_heldout(resolved, resolved.model.path, "before")
         streams = Streams(connect(redis_url), run_id, resolved.streams)
         streams.ensure_groups()
         for name in SERVICES:
@@ -189,7 +207,12 @@ def run(settings: Settings, out: Path, run_id: str | None = None, resume: bool =
             status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
+        children.stop()  # frees the cores for the evaluation
         summary = summarize(streams, rollout, status, started)
+        summary["eval_before"] = eval_before
+        summary["eval_after"] = measure_heldout(resolved, summary["checkpoint"] if status == "finished" else None,
+                                                "after")
+        summary["wall_seconds"] = round(time.monotonic() - started, 2)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:

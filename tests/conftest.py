@@ -65,4 +65,5 @@ def settings(tiny_model_dir, shapes_dir, redis_url, run_id, tmp_path) -> Setting
         "learner": {"batch_groups": 2, "micro_groups": 1, "max_steps": 2, "lr": 1e-3,
                     "checkpoint_dir": str(tmp_path / "ckpt")},
         "auth": {"token": "test-token"},
+        "evaluation": {"k": 2, "limit": 4},
     })

@@ -46,7 +46,15 @@ def test_unknown_env_variable_is_refused():
 
 def test_tiny_config_file_loads():
     settings = load_settings("configs/tiny-cpu.yaml", environ={})
-    assert settings.model.build_tiny_if_missing and settings.redis_url is None
+    assert settings.model.build_if_missing == "tiny-base" and settings.redis_url is None
+    assert settings.data.synthetic_questions == ["color"] and settings.evaluation.enabled
+
+
+def test_build_if_missing_and_question_types_are_checked():
+    with pytest.raises(ConfigError, match="build_if_missing"):
+        load_settings(environ={}, overrides={"model": {"build_if_missing": "huge"}})
+    with pytest.raises(ConfigError, match="synthetic_questions"):
+        load_settings(environ={}, overrides={"data": {"synthetic_questions": ["colour"]}})
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

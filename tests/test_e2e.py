@@ -29,6 +29,10 @@ def test_run_trains_pushes_and_accounts_for_every_prompt(settings, tmp_path):
                                            + summary["groups_in_flight"])
     assert summary["groups_trained"] == 3 * settings.learner.batch_groups
     assert summary["groups_in_flight"] == 0
+    for when in ("eval_before", "eval_after"):   # held-out accuracy, with the fixture's evaluation k=2 on 4 questions
+        result = summary[when]
+        assert result["k"] == 2 and result["n"] == 4, when
+        assert all(0.0 <= result[m] <= 1.0 for m in ("accuracy", "greedy_accuracy", "maj_accuracy")), when
     for name in ("prompts", "groups", "scored"):
         assert summary["streams"][name] == {"length": 0, "pending": 0}, name
     assert (out / "logs" / "learner.log").is_file()

@@ -48,6 +48,23 @@ def test_vision_and_control_tokens_are_never_sampled(backend):
         assert all(t not in backend.stop_ids for t in c.token_ids[:-1])
 
 
+def test_temperature_zero_decodes_greedily(backend):
+    prompt = prompt_for(backend)
+    runs = [backend.generate([prompt], SamplingParams(n=3, temperature=0.0, max_new_tokens=8, seed=seed))[0]
+            for seed in (0, 1)]
+    texts = [[c.token_ids for c in group.completions] for group in runs]
+    assert len(texts[0]) == 3 and texts[0][0] == texts[0][1] == texts[0][2] == texts[1][0]
+    encoded = encode_prompt(backend.processor, prompt.text, prompt.images)
+    ids = torch.tensor([runs[0].prompt_ids + texts[0][0]])
+    with torch.no_grad():   # each greedy token is the model's most likely next token
+        logits = backend.model(**forward_inputs(backend.model, ids, torch.ones_like(ids), encoded["pixel_values"],
+                                                encoded["image_grid_thw"])).logits[0]
+    start = len(runs[0].prompt_ids) - 1
+    banned = sum(backend.banned, [])
+    logits[:, banned] = float("-inf")
+    assert logits[start:start + len(texts[0][0])].argmax(-1).tolist() == texts[0][0]
+
+
 def test_each_prompt_gets_its_own_sampling_parameters(backend):
     groups = backend.generate([prompt_for(backend), prompt_for(backend, color="blue")],
                               [SamplingParams(n=2, max_new_tokens=4, seed=0), SamplingParams(n=3, max_new_tokens=6)])

@@ -35,3 +35,12 @@ def test_prompts_become_groups_and_unservable_ones_are_dead_lettered(settings):
     assert "PromptTooLong" in dead[b"g-long"] and "over the limit of 120" in dead[b"g-long"]
     assert "not in the store" in dead[b"g-gone"]
     assert streams.pending_counts()["prompts"] == {"length": 0, "pending": 0}
+
+
+def test_a_seeded_run_gives_each_group_its_own_sampling_seed():
+    from mmupt.services.rollout.main import group_seed
+
+    seeds = {group_seed(0, f"0:{i}") for i in range(100)}
+    assert len(seeds) == 100                      # no two groups draw the same random numbers
+    assert group_seed(0, "0:1") == group_seed(0, "0:1") != group_seed(1, "0:1")   # reproducible per run seed
+    assert group_seed(None, "0:1") is None        # unseeded stays unseeded

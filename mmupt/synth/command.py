@@ -35,7 +35,7 @@ def model_version(settings: Settings, url: str | None = None, model_dir: str | N
         return f"{url} (version unknown: {reply.status_code} {error_message(reply)})"
     info = reply.json()
     version = f"{info.get('model')}@v{info.get('version')}"
-    return f"{version}+sha256:{info['sha256'][:16]}" if info.get("sha256") else version
+    return f"{version}+checksum:{info['checksum'][:16]}" if info.get("checksum") else version
 
 
 def run_synthesis(settings: Settings, seed_data: str | Path, out: str | Path, mode: str | None = None,

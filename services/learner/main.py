@@ -314,6 +314,12 @@ class Learner:
             stats["version_lag_max"] = max(lags[i * self.lc.batch_groups:(i + 1) * self.lc.batch_groups])
             part_rewards = [r for _, s in part for r in s.vote.rewards]
             stats["mean_reward"] = sum(part_rewards) / len(part_rewards)
+            # How sure the policy is of its answers: the learning experiment plots these per step.
+            stats["majority_ratio"] = sum(s.vote.majority_ratio for _, s in part) / len(part)
+            stats["vote_entropy"] = sum(s.vote.vote_entropy for _, s in part) / len(part)
+            labelled = [s.vote.label_correct for _, s in part if s.vote.label_correct is not None]
+            if labelled:  # a hidden answer rode along (monitoring only): how often the pseudo-label was right
+                stats["label_accuracy"] = sum(labelled) / len(labelled)
             self._observe(stats, self.step - len(updates) + 1 + i, len(part))
         return updates
 

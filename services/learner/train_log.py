@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CURVES = ("loss", "mean_reward", "kl", "entropy", "clip_frac", "mismatch_kl", "grad_norm", "tokens_per_s")
+CURVES = ("loss", "mean_reward", "majority_ratio", "vote_entropy", "label_accuracy", "kl", "entropy", "clip_frac", "mismatch_kl", "grad_norm", "tokens_per_s")
 
 
 class TrainLog:

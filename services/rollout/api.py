@@ -76,7 +76,7 @@ class EvalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     benchmark: str                       # absolute path under rollout.allowed_local_dirs
     k: int = Field(8, ge=1)
-    temperature: float = Field(0.2, gt=0, le=10)
+    temperature: float = Field(0.2, ge=0, le=10)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     limit: int | None = Field(None, ge=1)
@@ -193,7 +193,7 @@ class RolloutServer:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 8 or any(not s for s in stop):
             raise RequestError(400, "stop takes at most 8 non-empty strings")
-        return SamplingParams(n=n, temperature=body.temperature or r.temperature, top_p=body.top_p or r.top_p,
+        return SamplingParams(n=n, temperature=r.temperature if body.temperature is None else body.temperature, top_p=body.top_p or r.top_p,
                               max_new_tokens=new_tokens, seed=body.seed, stop=stop)
 
     async def generate(self, prompt, params: SamplingParams) -> GroupResult:

@@ -20,7 +20,7 @@ class PromptTooLong(ValueError):
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0      # 0: greedy decoding
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int | None = None

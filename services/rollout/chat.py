@@ -175,7 +175,7 @@ def prepared(processor, text: str, images: list, limits: InputLimits) -> PromptI
 class SamplingRequest(BaseModel):
     """Sampling fields shared by /v1/chat/completions and /v1/rollout (limits checked by the server)."""
     n: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, gt=0, le=10)
+    temperature: float | None = Field(None, ge=0, le=10)  # 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = None

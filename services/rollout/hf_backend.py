@@ -43,17 +43,23 @@ class TransformersBackend:
         prompt_len = inputs["input_ids"].shape[1]
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        greedy = params.temperature == 0
+        # Temperature 0 is greedy decoding: every one of the n answers would be the same, so decode once.
         out = self.model.generate(
-            **inputs, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
-            max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
+            **inputs, do_sample=not greedy, temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p, top_k=None if greedy else 0,
+            max_new_tokens=params.max_new_tokens, num_return_sequences=1 if greedy else params.n,
             eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
             bad_words_ids=self.banned or None, output_logits=True, return_dict_in_generate=True,
             stop_strings=params.stop or None, tokenizer=self.tokenizer if params.stop else None,
         )
         new_tokens = out.sequences[:, prompt_len:]
-        # Raw logits -> log-probs at the sampling temperature (what the learner recomputes).
-        logits = torch.stack(out.logits, dim=1).float() / params.temperature
+        # Raw logits -> log-probs at the sampling temperature (what the learner recomputes); greedy
+        # answers report the model's own (temperature 1) log-probs.
+        logits = torch.stack(out.logits, dim=1).float() / (params.temperature or 1.0)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        if greedy:
+            new_tokens, logprobs = new_tokens.expand(params.n, -1), logprobs.expand(params.n, -1)
         completions = [self._completion(new_tokens[i], logprobs[i], params) for i in range(params.n)]
         return GroupResult(prompt_ids=inputs["input_ids"][0].tolist(), completions=completions,
                            policy_version=self._version)

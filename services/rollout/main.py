@@ -5,9 +5,11 @@ OpenAI-style chat completions, voted rollouts, evaluation jobs, health, metrics,
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
+from dataclasses import replace
 
 from mmupt.auth import require_token, server_credentials
 from mmupt.config import Settings
@@ -24,6 +26,13 @@ from .request_queue import record_generation
 from .weight_server import WeightSyncServicer, start_server
 
 log = logging.getLogger(__name__)
+
+
+def group_seed(seed: int | None, group_id: str) -> int | None:
+    """A sampling seed of its own for each group (None stays unseeded)."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{group_id}".encode(), digest_size=4).digest(), "big")
 
 
 class RolloutWorker:
@@ -76,10 +85,13 @@ class RolloutWorker:
 
     def sample(self, prompt: PromptMsg) -> GroupMsg:
         started = time.perf_counter()
-        result = self.backend.generate([self.prompt_input(prompt.problem, prompt.image_hashes)], self.params)[0]
+        # One seed for all groups would draw the same random numbers for every prompt (correlated groups);
+        # each group gets its own, derived from rollout.seed and its id, so a run is still reproducible.
+        params = replace(self.params, seed=group_seed(self.params.seed, prompt.group_id))
+        result = self.backend.generate([self.prompt_input(prompt.problem, prompt.image_hashes)], params)[0]
         responses = [Response(token_ids=pack_ids(c.token_ids), logprobs=pack_floats(c.logprobs), text=c.text,
                               finish_reason=c.finish_reason) for c in result.completions]
-        p = self.params
+        p = params
         seconds = time.perf_counter() - started
         metrics.GROUP_SECONDS.observe(seconds)
         metrics.GROUPS.inc()
