@@ -48,8 +48,7 @@ def bench_settings(args) -> Settings:
     overrides: dict = {"learner": {"max_steps": args.steps, "checkpoint_every": 0, "updates_per_batch": 1}}
     if args.model:
         overrides["model"] = {"path": args.model}
-    if "evaluation" in Settings.model_fields:  # this bench evaluates both systems itself, the same way
-        overrides["evaluation"] = {"enabled": False}
+    overrides["evaluation"] = {"enabled": False}  # this bench evaluates both systems itself, the same way
     return load_settings(args.config, environ={}, overrides=overrides)
 
 

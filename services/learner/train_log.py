@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CURVES = ("loss", "mean_reward", "majority_ratio", "vote_entropy", "label_accuracy", "kl", "entropy", "clip_frac", "mismatch_kl", "grad_norm", "tokens_per_s")
+CURVES = ("loss", "mean_reward", "majority_ratio", "vote_entropy", "label_accuracy", "version_lag_max", "kl", "entropy",
+          "clip_frac", "mismatch_kl", "grad_norm", "tokens_per_s")
 
 
 class TrainLog:
