@@ -309,6 +309,9 @@ class Settings(Section):
     run_id: str = "default"
     # None: `mmupt run` starts an embedded Valkey server; the single services require a URL.
     redis_url: str | None = None
+    # On SIGTERM a service stops taking work and exits within this many seconds (below Kubernetes'
+    # default 30 s grace period, so it is never killed mid-shutdown).
+    shutdown_grace_s: float = Field(20.0, gt=0, le=300)
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     prompt: PromptSettings = PromptSettings()

@@ -108,20 +108,38 @@ class Service:
         self._threads.append(thread)
 
     def run_until_stopped(self, on_stop: Callable[[], None] | None = None) -> int:
+        """Wait for a signal (or a task's end), then stop: `on_stop` hands back what the service holds,
+        the loops finish their current item, and the process exits within `grace_s` of the signal."""
         def handle(signum, _frame):
-            log.info("%s: signal %d, stopping", self.name, signum)
+            log.info("%s: signal %d, stopping (grace %.0fs)", self.name, signum, self.grace_s)
             self.stop.set()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         while not self.stop.wait(0.5):
             pass
+        deadline = time.monotonic() + self.grace_s
+        # A hung on_stop or library atexit hook (thread pools join their workers) must not outlast the grace.
+        watchdog = threading.Timer(self.grace_s + 2.0, self._exit_now, args=(1, "shutdown overran its grace"))
+        watchdog.daemon = True
+        watchdog.start()
         if on_stop is not None:
-            on_stop()
+            try:
+                on_stop()
+            except Exception:
+                log.exception("%s: error while stopping", self.name)
         if self._http is not None:
             self._http.should_exit = True
-        deadline = time.monotonic() + self.grace_s
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        code = 1 if self.failed is not None else 0
+        busy = [t.name for t in self._threads if t.is_alive()]
+        if busy:  # their unacked work stays pending in Redis and is reclaimed by another consumer
+            self._exit_now(code, f"abandoning {busy} after {self.grace_s:.0f}s")
         log.info("%s stopped", self.name)
-        return 1 if self.failed is not None else 0
+        return code
+
+    def _exit_now(self, code: int, why: str) -> None:
+        log.warning("%s: %s; exiting now", self.name, why)
+        logging.shutdown()
+        os._exit(code)

@@ -447,7 +447,7 @@ def run(settings: Settings, resume: bool = False) -> int:
     if engine.rank != 0:
         Lockstep(rank_operations(engine, BatchBuilder(settings, processor), processor, settings.learner)).serve()
         return 0
-    service = Service("learner")
+    service = Service("learner", settings.shutdown_grace_s)
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     stream_metrics.register(streams)

@@ -97,7 +97,7 @@ def run(settings: Settings) -> int:
     if not settings.redis_url:
         raise SystemExit("the rollout server needs redis_url (config) or MMUPT_REDIS_URL")
     token = require_token(settings.auth)
-    service = Service("rollout")
+    service = Service("rollout", settings.shutdown_grace_s)
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     r = settings.rollout

@@ -121,7 +121,7 @@ def run(settings: Settings) -> int:
     if not settings.redis_url:
         raise SystemExit("the voter needs redis_url (config) or MMUPT_REDIS_URL")
     vc = settings.voter
-    service = Service("voter")
+    service = Service("voter", settings.shutdown_grace_s)
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     voter = Voter(settings, streams)
