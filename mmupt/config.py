@@ -144,6 +144,8 @@ class VoterSettings(Section):
     host: str = "127.0.0.1"
     http_port: int = Field(8001, ge=0, le=65535)
     groups_per_read: int = Field(16, ge=1)
+    # POST /v1/vote bodies over this are refused (413) before they are read.
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
 
 
 class LearnerSettings(Section):

@@ -164,6 +164,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while self.step() < step:
             self.check_alive()
+            if self.procs["learner"].popen.poll() == 0:
+                raise FaultError(f"the learner finished at step {self.step()} before step {step}: raise max_steps")
             if time.monotonic() > deadline:
                 raise FaultError(f"the learner did not reach step {step} in {timeout:.0f}s "
                                  f"(at {self.step()}):\n{self.tail('learner')}")
@@ -181,17 +183,26 @@ class Cluster:
             raise FaultError(f"{name} did not exit within {timeout:.0f}s of signal {sig}") from None
         return code, time.monotonic() - started
 
-    def finish(self, timeout: float = 300.0) -> None:
-        """Wait for the learner to finish its steps, then stop the others with SIGTERM."""
-        learner = self.procs["learner"].popen
+    def finish(self, extra_steps: int = 2, timeout: float = 300.0) -> None:
+        """End the run cleanly: stop the learner (SIGTERM), resume it with max_steps just covering the
+        prompts it has admitted, and wait until it has trained them and finished."""
+        code, _ = self.signal("learner", signal.SIGTERM)
+        if code != 0:
+            raise FaultError(f"the learner exited with code {code} on SIGTERM:\n{self.tail('learner')}")
+        counts = self.account()
+        groups = self.resolved.learner.batch_groups
+        max_steps = max(counts["step"], -(-(counts["trained"] + counts["in_flight"]) // groups)) + extra_steps
+        learner = self.procs["learner"]
+        learner.env = {**learner.env, "MMUPT_LEARNER__MAX_STEPS": str(max_steps)}
+        self.launch("learner", resume=True)
         deadline = time.monotonic() + timeout
-        while learner.poll() is None:
+        while learner.popen.poll() is None:
             self.check_alive()
             if time.monotonic() > deadline:
                 raise FaultError(f"the learner did not finish in {timeout:.0f}s:\n{self.tail('learner')}")
             time.sleep(0.3)
-        if learner.returncode != 0 or self.streams.state().get("status") != "finished":
-            raise FaultError(f"the learner ended with code {learner.returncode}:\n{self.tail('learner')}")
+        if learner.popen.returncode != 0 or self.streams.state().get("status") != "finished":
+            raise FaultError(f"the learner ended with code {learner.popen.returncode}:\n{self.tail('learner')}")
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -284,7 +295,7 @@ def group_id_of(payload: bytes | None, kind) -> str | None:
         message = decode(payload or b"", kind)
     except MalformedMessage:
         return None
-    return message.group_id if kind is PromptMsg else message.group.group_id
+    return message.group.group_id if kind is ScoredMsg else message.group_id
 
 
 def trained_twice(commits: list[list[str]]) -> list[str]:

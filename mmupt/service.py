@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
@@ -34,8 +34,22 @@ def consumer_name(service: str) -> str:
     return os.environ.get("MMUPT_CONSUMER_NAME") or f"{service}-{socket.gethostname()}-{os.getpid()}"
 
 
-def base_app(title: str, ready: Callable[[], bool]) -> FastAPI:
+def base_app(title: str, ready: Callable[[], bool], max_request_bytes: int | None = 1024 * 1024) -> FastAPI:
+    """Health, readiness and metrics. POST bodies over `max_request_bytes`, or without a length, are
+    refused before they are read (None: the app enforces its own limit, as the rollout API does)."""
     app = FastAPI(title=title)
+
+    if max_request_bytes is not None:
+        @app.middleware("http")
+        async def body_limit(request: Request, call_next):
+            if request.method in ("POST", "PUT", "PATCH"):
+                length = request.headers.get("content-length")
+                if length is None:
+                    return JSONResponse({"detail": "a Content-Length header is required"}, status_code=411)
+                if not length.isdigit() or int(length) > max_request_bytes:
+                    return JSONResponse({"detail": f"request body is {length} bytes, over the limit of "
+                                                   f"{max_request_bytes}"}, status_code=413)
+            return await call_next(request)
 
     @app.get("/healthz")
     def healthz():

@@ -438,6 +438,20 @@ def rank_operations(engine: PolicyEngine, builder: BatchBuilder, processor, cfg:
             "load_checkpoint": lambda path: engine.load_engine(Path(path) / "engine")}
 
 
+def learner_app(learner: Learner):
+    """HTTP: health, metrics and `GET /v1/status`; nothing here changes state (read-only, no token)."""
+    app = base_app("mmupt learner", ready=lambda: True)
+
+    @app.get("/v1/status")
+    def status():
+        synthesis = {"synthesis": learner.synthetic.report.as_dict()} if learner.synthetic else {}
+        return {"version": learner.version, "step": learner.step, "max_steps": learner.lc.max_steps,
+                **learner.streams.state(), **learner.ledger.counters(), "uncommitted": len(learner.ledger.held),
+                **synthesis}
+
+    return app
+
+
 def run(settings: Settings, resume: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the learner needs redis_url (config) or MMUPT_REDIS_URL")
@@ -461,15 +475,7 @@ def run(settings: Settings, resume: bool = False) -> int:
         learner.lockstep.stop()
         raise SystemExit(f"mmupt learner: {exc}") from None
 
-    app = base_app("mmupt learner", ready=lambda: True)
-
-    @app.get("/v1/status")
-    def status():
-        synthesis = {"synthesis": synthetic.report.as_dict()} if synthetic else {}
-        return {"version": learner.version, "step": learner.step, "max_steps": settings.learner.max_steps,
-                **streams.state(), **learner.ledger.counters(), "uncommitted": len(learner.ledger.held), **synthesis}
-
-    service.serve_http(app, settings.learner.host, settings.learner.http_port)
+    service.serve_http(learner_app(learner), settings.learner.host, settings.learner.http_port)
 
     service.task("train", lambda: learner.run(service.stop))
     def on_stop() -> None:

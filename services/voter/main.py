@@ -87,7 +87,7 @@ def vote_app(settings: Settings, grader: Grader):
 
     The HTTP grader is not the stream loop's: requests never hold up training groups' comparisons.
     """
-    app = base_app("mmupt voter", ready=lambda: True)
+    app = base_app("mmupt voter", ready=lambda: True, max_request_bytes=settings.voter.max_request_bytes)
     policy, mode = VotePolicy.from_settings(settings.voter), settings.voter.reward_mode
 
     @app.post("/v1/vote")
