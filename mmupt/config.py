@@ -80,6 +80,8 @@ class StreamSettings(Section):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     deadletter_max_len: int = Field(10_000, gt=0)
+    # A stream entry over this size is dead-lettered unread (a group of 10 x 2k-token responses is ~0.3 MB).
+    max_entry_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
 class RolloutSettings(Section):

@@ -235,7 +235,7 @@ class Learner:
         buffered = {s.group.group_id for _, s in self.buffer} | self.ledger.held_ids()
         for entry in entries:
             try:
-                scored = decode(entry.payload or b"", ScoredMsg)
+                scored = decode(entry.payload or b"", ScoredMsg, self.cfg.streams.max_entry_bytes)
             except MalformedMessage as exc:
                 metrics.DEADLETTERED.inc()
                 self.streams.dead_letter("scored", entry, str(exc), "learner")

@@ -57,7 +57,7 @@ class RolloutWorker:
                 return  # unacked entries stay pending and are picked up again
             prompt = None
             try:
-                prompt = decode(entry.payload or b"", PromptMsg)
+                prompt = decode(entry.payload or b"", PromptMsg, self.cfg.streams.max_entry_bytes)
                 group = self.sample(prompt)
             except (MalformedMessage, PromptError, PromptTooLong, ImageError, KeyError) as exc:
                 metrics.DEADLETTERED.inc()

@@ -73,7 +73,7 @@ class Voter:
         for entry in entries:
             group = None
             try:
-                group = decode(entry.payload or b"", GroupMsg)
+                group = decode(entry.payload or b"", GroupMsg, self.cfg.streams.max_entry_bytes)
                 scored = self.score(group)
             except (MalformedMessage, ValueError) as exc:
                 metrics.DEADLETTERED.inc()
