@@ -43,6 +43,8 @@ def test_every_fault_kind_loses_nothing_and_trains_nothing_twice(settings, tmp_p
         assert fault["trained_twice"] == [], fault
         if fault["fault"].startswith("term_"):
             assert fault["exit_code"] == 0 and fault["exit_seconds"] <= 13, fault
+    logs = "".join(path.read_text(errors="replace") for path in (tmp_path / "run" / "logs").glob("*.log"))
+    assert settings.auth.token and settings.auth.token not in logs  # the token is never logged
     final = report["final"]
     assert_nothing_lost(final, "end of run")
     assert final["in_flight"] == 0 and final["trained_twice"] == []
