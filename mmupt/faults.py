@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,15 +307,47 @@ def trained_twice(commits: list[list[str]]) -> list[str]:
     return twice
 
 
+class MemorySampler:
+    """Redis `used_memory` and stream lengths every `every_s` seconds, in a thread (gaps while the
+    server restarts)."""
+
+    def __init__(self, cluster: Cluster, every_s: float):
+        self.cluster, self.every_s = cluster, every_s
+        self.samples: list[dict] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.started = time.monotonic()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                lengths = {k: v["length"] for k, v in self.cluster.streams.pending_counts().items()}
+                self.samples.append({"t": round(time.monotonic() - self.started, 1), "step": self.cluster.step(),
+                                     "used_memory": self.cluster.server.used_memory(), **lengths})
+            except redis.RedisError:
+                continue
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
 def run_faults(settings: Settings, out: Path, faults: list[str], steps_between: int = 2,
-               sample_memory=None) -> dict:
+               memory_every_s: float | None = None) -> dict:
     """Start a cluster, inject `faults` one after another with `steps_between` learner steps of
-    progress after each, finish the run and return the report (one account per fault kind)."""
+    progress after each, finish the run and return the report (one account per fault)."""
     cluster = Cluster(settings, out)
     report: dict = {"faults": [], "run_id": settings.run_id}
     started = time.monotonic()
+    sampler = None
     try:
         cluster.start()
+        if memory_every_s:
+            sampler = MemorySampler(cluster, memory_every_s).__enter__()
         cluster.wait_step(1)
         for kind in faults:
             at = cluster.step()
@@ -324,14 +357,15 @@ def run_faults(settings: Settings, out: Path, faults: list[str], steps_between: 
             report["faults"].append({"fault": kind, "injected_at_step": at, **detail, **account,
                                      "trained_twice": trained_twice(cluster.committed_groups())})
             log.info("fault %s: %s", kind, json.dumps(report["faults"][-1]))
-            if sample_memory is not None:
-                sample_memory(cluster)
         cluster.finish()
         final = cluster.account()
         commits = cluster.committed_groups()
         report["final"] = {**final, "trained_twice": trained_twice(commits),
                            "committed": sum(len(c) for c in commits)}
     finally:
+        if sampler is not None:
+            sampler.__exit__()
+            report["memory"] = sampler.samples
         report["wall_seconds"] = round(time.monotonic() - started, 1)
         cluster.stop() if hasattr(cluster, "server") else None
         (out / "faults_report.json").write_text(json.dumps(report, indent=2))
