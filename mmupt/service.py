@@ -74,12 +74,13 @@ class Service:
         self.grace_s = grace_s
         self._threads: list[threading.Thread] = []
         self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
         self.failed: BaseException | None = None
 
     def serve_http(self, app: FastAPI, host: str, port: int) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
         self._http = uvicorn.Server(config)
-        self._spawn("http", self._http.run)
+        self._http_thread = self._spawn("http", self._http.run)
 
     def loop(self, name: str, step: Callable[[], None]) -> None:
         """Call `step` until stopped; errors are logged and retried with backoff and jitter."""
@@ -108,7 +109,7 @@ class Service:
 
         self._spawn(name, run)
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         def guarded():
             try:
                 target()
@@ -120,10 +121,12 @@ class Service:
         thread = threading.Thread(target=guarded, name=f"{self.name}-{name}", daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     def run_until_stopped(self, on_stop: Callable[[], None] | None = None) -> int:
-        """Wait for a signal (or a task's end), then stop: `on_stop` hands back what the service holds,
-        the loops finish their current item, and the process exits within `grace_s` of the signal."""
+        """Wait for a signal (or a task's end), then stop: HTTP takes no new requests, the loops finish
+        their current item (unacked work stays pending in Redis for another consumer), then `on_stop`
+        closes what they used; the process exits within `grace_s` of the signal, whatever hangs."""
         def handle(signum, _frame):
             log.info("%s: signal %d, stopping (grace %.0fs)", self.name, signum, self.grace_s)
             self.stop.set()
@@ -137,15 +140,20 @@ class Service:
         watchdog = threading.Timer(self.grace_s + 2.0, self._exit_now, args=(1, "shutdown overran its grace"))
         watchdog.daemon = True
         watchdog.start()
+        if self._http is not None:
+            self._http.should_exit = True  # take no new requests; those in progress finish
+        # Work first, resources after: the loops finish (or hand back) what they hold while the clients,
+        # graders and pools they use are still open; only then does on_stop close those.
+        workers = [t for t in self._threads if t is not self._http_thread]
+        for thread in workers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if on_stop is not None:
             try:
                 on_stop()
             except Exception:
                 log.exception("%s: error while stopping", self.name)
-        if self._http is not None:
-            self._http.should_exit = True
-        for thread in self._threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=max(0.0, deadline - time.monotonic()))
         code = 1 if self.failed is not None else 0
         busy = [t.name for t in self._threads if t.is_alive()]
         if busy:  # their unacked work stays pending in Redis and is reclaimed by another consumer
