@@ -128,7 +128,9 @@ def run(settings: Settings) -> int:
     service.loop("rollout", lambda: worker.step(service.stop))
     log.info("rollout %s: weight sync on %s, consuming %s", worker.consumer, server_id, streams.keys.prompts)
 
-    def on_stop() -> None:
+    def on_stop() -> None:  # the loops have finished: hand back what they read and did not finish
+        handed = streams.hand_back("prompts", worker.consumer)
+        log.info("stopping: %d unfinished prompts handed back", handed)
         streams.unregister_server(server_id)
         grpc_server.stop(grace=5)
         server.close()

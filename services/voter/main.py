@@ -135,7 +135,8 @@ def run(settings: Settings) -> int:
     log.info("voter %s consuming %s (grader %s, reward mode %s, tie policy %s, min agreement %.2f)",
              voter.consumer, streams.keys.groups, vc.grader, vc.reward_mode, vc.tie_policy, vc.min_agreement)
 
-    def close():
+    def close():  # the loop has finished: hand back what it read and did not finish
+        log.info("stopping: %d unfinished groups handed back", streams.hand_back("groups", voter.consumer))
         voter.grader.close()
         http_grader.close()
 
