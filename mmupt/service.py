@@ -10,9 +10,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -123,10 +125,11 @@ class Service:
         self._threads.append(thread)
         return thread
 
-    def run_until_stopped(self, on_stop: Callable[[], None] | None = None) -> int:
+    def run_until_stopped(self, on_stop: Callable[[], None] | None = None) -> NoReturn:
         """Wait for a signal (or a task's end), then stop: HTTP takes no new requests, the loops finish
         their current item (unacked work stays pending in Redis for another consumer), then `on_stop`
-        closes what they used; the process exits within `grace_s` of the signal, whatever hangs."""
+        closes what they used; the process exits (0, or 1 if a thread died) within `grace_s` of the
+        signal, whatever hangs. Never returns."""
         def handle(signum, _frame):
             log.info("%s: signal %d, stopping (grace %.0fs)", self.name, signum, self.grace_s)
             self.stop.set()
@@ -159,9 +162,14 @@ class Service:
         if busy:  # their unacked work stays pending in Redis and is reclaimed by another consumer
             self._exit_now(code, f"abandoning {busy} after {self.grace_s:.0f}s")
         log.info("%s stopped", self.name)
-        return code
+        # Exit now: interpreter teardown (thread-pool joins, torch and gRPC finalizers) took seconds
+        # more under load and is not bounded by anything; everything durable is done.
+        self._exit_now(code, None)
 
-    def _exit_now(self, code: int, why: str) -> None:
-        log.warning("%s: %s; exiting now", self.name, why)
+    def _exit_now(self, code: int, why: str | None) -> None:
+        if why:
+            log.warning("%s: %s; exiting now", self.name, why)
         logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
         os._exit(code)

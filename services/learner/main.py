@@ -397,7 +397,9 @@ class Learner:
                 self.admit(stop)
                 self.sync_lagging()
                 self.collect()
-                if len(self.buffer) >= self.rollout_groups and self.train_step():
+                if stop.is_set():  # stopping: no new step (it could outlast the grace); the groups wait for --resume
+                    break
+                if len(self.buffer) >= self.rollout_groups and self.train_step() and not stop.is_set():
                     self.push()
                     if self.checkpoint_due():
                         self.save_checkpoint()
