@@ -43,8 +43,9 @@ CONSUMER_GROUPS = {"prompts": "rollout", "groups": "voter", "scored": "learner"}
 SAFETY_CAP_FACTOR = 4
 
 
-# How long the marker of a MULTI/EXEC lives: far longer than the client's retries last (~15 s).
-TXN_MARKER_TTL_S = 300
+# How long the marker of a MULTI/EXEC lives: well beyond the client's retries (~15 s at most). Markers
+# are the one thing transactions leave behind (~72 bytes each): TTL x transaction rate of them.
+TXN_MARKER_TTL_S = 60
 
 
 class ExactlyOncePipeline(redis.client.Pipeline):
