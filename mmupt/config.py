@@ -94,6 +94,8 @@ class StreamSettings(Section):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     deadletter_max_len: int = Field(10_000, gt=0)
+    # A stream entry over this size is dead-lettered unread (a group of 10 x 2k-token responses is ~0.3 MB).
+    max_entry_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
 class RolloutSettings(Section):
@@ -158,6 +160,8 @@ class VoterSettings(Section):
     host: str = "127.0.0.1"
     http_port: int = Field(8001, ge=0, le=65535)
     groups_per_read: int = Field(16, ge=1)
+    # POST /v1/vote bodies over this are refused (413) before they are read.
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
 
 
 class LearnerSettings(Section):
@@ -333,6 +337,9 @@ class Settings(Section):
     run_id: str = "default"
     # None: `mmupt run` starts an embedded Valkey server; the single services require a URL.
     redis_url: str | None = None
+    # On SIGTERM a service stops taking work and exits within this many seconds (below Kubernetes'
+    # default 30 s grace period, so it is never killed mid-shutdown).
+    shutdown_grace_s: float = Field(20.0, gt=0, le=300)
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     prompt: PromptSettings = PromptSettings()

@@ -25,6 +25,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -42,10 +43,51 @@ CONSUMER_GROUPS = {"prompts": "rollout", "groups": "voter", "scored": "learner"}
 SAFETY_CAP_FACTOR = 4
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that retries with backoff and jitter across connection blips and server restarts."""
+# How long the marker of a MULTI/EXEC lives: well beyond the client's retries (~15 s at most). Markers
+# are the one thing transactions leave behind (~72 bytes each): TTL x transaction rate of them.
+TXN_MARKER_TTL_S = 60
+
+
+class ExactlyOncePipeline(redis.client.Pipeline):
+    """A MULTI/EXEC that a retry never runs twice.
+
+    redis-py retries a transaction after a connection error. If the server had already run EXEC
+    when the connection broke (a dropped connection, or a server killed after its AOF fsync but
+    before it answered), a blind retry runs it again: a counter incremented twice, a prompt admitted
+    twice. So each transaction also sets a unique marker key, atomically with its other commands; a
+    retry first asks whether the marker exists, and if it does the transaction ran and is not sent
+    again (its replies, lost with the connection, come back as None).
+    """
+
+    def execute(self, raise_on_error: bool = True):
+        marked = (self.transaction or self.explicit_transaction) and bool(self.command_stack) and not self.watching
+        if marked:
+            self._marker, self._sent = f"mmupt:txn:{uuid.uuid4().hex}", False
+            self.set(self._marker, 1, ex=TXN_MARKER_TTL_S)
+        results = super().execute(raise_on_error)
+        return results[:-1] if marked else results
+
+    def _execute_transaction(self, connection, commands, raise_on_error):
+        marker = getattr(self, "_marker", None)
+        if marker is not None and self._sent:  # a retry: did the first attempt run?
+            connection.send_command("EXISTS", marker)
+            if connection.read_response():
+                log.warning("a transaction ran but its reply was lost with the connection; not running it again")
+                return [None] * len(commands)
+        self._sent = True
+        return super()._execute_transaction(connection, commands, raise_on_error)
+
+
+class Client(redis.Redis):
+    def pipeline(self, transaction=True, shard_hint=None) -> ExactlyOncePipeline:
+        return ExactlyOncePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+def connect(url: str) -> Client:
+    """A client that retries with backoff and jitter across connection blips and server restarts,
+    and never runs a transaction twice (ExactlyOncePipeline)."""
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=5.0), retries=8)
-    return redis.Redis.from_url(
+    return Client.from_url(
         url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30, socket_connect_timeout=5,
     )
@@ -192,6 +234,22 @@ class Streams:
             start = reply[0]
             if start in (b"0-0", "0-0"):
                 return entries
+
+    def hand_back(self, stream: str, consumer: str, batch: int = 256) -> int:
+        """On a graceful stop: make every entry `consumer` holds unacked claimable by the others at
+        once (XCLAIM to itself with the idle time set to claim_idle_ms; JUSTID: not a new delivery),
+        instead of after claim_idle_ms. Returns how many were handed back."""
+        key, group = self.keys.stream(stream), CONSUMER_GROUPS[stream]
+        handed = 0
+        while True:
+            pending = self.r.xpending_range(key, group, min="-", max="+", count=batch, consumername=consumer,
+                                            idle=None)
+            ids = [p["message_id"] for p in pending if p["time_since_delivered"] < self.cfg.claim_idle_ms]
+            if not ids:
+                return handed
+            self.r.xclaim(key, group, consumer, min_idle_time=0, message_ids=ids, idle=self.cfg.claim_idle_ms,
+                          justid=True)
+            handed += len(ids)
 
     def _claim(self, stream: str, consumer: str, count: int) -> list[Entry]:
         key, group = self.keys.stream(stream), CONSUMER_GROUPS[stream]

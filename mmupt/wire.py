@@ -149,8 +149,11 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(msg.model_dump(by_alias=True), use_bin_type=True)
 
 
-def decode(payload: bytes, expect: type[Message] | None = None) -> Any:
-    """Decode and validate one payload; raises MalformedMessage with the reason."""
+def decode(payload: bytes, expect: type[Message] | None = None, max_bytes: int | None = None) -> Any:
+    """Decode and validate one payload; raises MalformedMessage with the reason. A payload over
+    `max_bytes` is refused before it is unpacked (streams.max_entry_bytes)."""
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise MalformedMessage(f"entry is {len(payload)} bytes, over the limit of {max_bytes} (streams.max_entry_bytes)")
     try:
         data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated exception types

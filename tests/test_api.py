@@ -191,6 +191,34 @@ def test_full_queue_answers_429_and_a_stale_request_503_with_retry_after(api, ba
     assert_healthy(api)
 
 
+def test_many_concurrent_clients_beyond_the_queue_get_429_or_503_and_the_server_recovers(api):
+    """48 clients at once against a queue of 1: every answer is 200, 429 or 503 (never a broken
+    connection or another 5xx), refusals carry Retry-After, and afterwards the server serves normally."""
+    clients, replies, errors = 48, [], []
+    barrier = threading.Barrier(clients)
+    body = {"messages": user_message("Shape?", data_url(png_bytes())), "max_tokens": 3}
+
+    def client():
+        barrier.wait()
+        try:
+            replies.append(httpx.post(f"{api.url}/v1/chat/completions", json=body, timeout=120))
+        except httpx.HTTPError as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert errors == [] and len(replies) == clients
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(429) >= clients // 2, statuses
+    assert all(r.headers.get("retry-after") == "1" for r in replies if r.status_code != 200)
+    assert api.server.queue.depth() == 0
+    assert_healthy(api)
+
+
 def wait_for(condition, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not condition():

@@ -45,6 +45,18 @@ def test_idle_entries_of_a_crashed_consumer_are_reclaimed(streams):
     assert [e.id for e in reclaimed] == [taken[0].id]
 
 
+def test_a_stopping_consumer_hands_its_entries_back_for_others_at_once(streams):
+    streams.cfg.claim_idle_ms = 60_000
+    streams.append("groups", [b"x", b"y"])
+    taken = streams.read("groups", "stopping", count=2)
+    assert streams.hand_back("groups", "stopping") == 2
+    streams._last_claim.clear()
+    reclaimed = streams.read("groups", "other", count=2)   # no 60 s wait
+    assert sorted(e.id for e in reclaimed) == sorted(e.id for e in taken)
+    info = streams.r.xpending_range(streams.keys.groups, "voter", min="-", max="+", count=10)
+    assert {p["times_delivered"] for p in info} == {2}  # handing back is not a delivery
+
+
 def test_poison_entries_go_to_the_dead_letter_stream(streams, redis_client):
     streams.append("groups", [b"poison"])
     streams.read("groups", "a", count=1)

@@ -238,7 +238,7 @@ class Learner:
         buffered = {s.group.group_id for _, s in self.buffer} | self.ledger.held_ids()
         for entry in entries:
             try:
-                scored = decode(entry.payload or b"", ScoredMsg)
+                scored = decode(entry.payload or b"", ScoredMsg, self.cfg.streams.max_entry_bytes)
             except MalformedMessage as exc:
                 metrics.DEADLETTERED.inc()
                 self.streams.dead_letter("scored", entry, str(exc), "learner")
@@ -408,7 +408,9 @@ class Learner:
                 self.admit(stop)
                 self.sync_lagging()
                 self.collect()
-                if len(self.buffer) >= self.rollout_groups and self.train_step():
+                if stop.is_set():  # stopping: no new step (it could outlast the grace); the groups wait for --resume
+                    break
+                if len(self.buffer) >= self.rollout_groups and self.train_step() and not stop.is_set():
                     self.push()
                     if self.checkpoint_due():
                         self.save_checkpoint()
@@ -449,6 +451,20 @@ def rank_operations(engine: PolicyEngine, builder: BatchBuilder, processor, cfg:
             "load_checkpoint": lambda path: engine.load_engine(Path(path) / "engine")}
 
 
+def learner_app(learner: Learner):
+    """HTTP: health, metrics and `GET /v1/status`; nothing here changes state (read-only, no token)."""
+    app = base_app("mmupt learner", ready=lambda: True)
+
+    @app.get("/v1/status")
+    def status():
+        synthesis = {"synthesis": learner.synthetic.report.as_dict()} if learner.synthetic else {}
+        return {"version": learner.version, "step": learner.step, "max_steps": learner.lc.max_steps,
+                **learner.streams.state(), **learner.ledger.counters(), "uncommitted": len(learner.ledger.held),
+                **synthesis}
+
+    return app
+
+
 def run(settings: Settings, resume: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("the learner needs redis_url (config) or MMUPT_REDIS_URL")
@@ -458,7 +474,7 @@ def run(settings: Settings, resume: bool = False) -> int:
     if engine.rank != 0:
         Lockstep(rank_operations(engine, BatchBuilder(settings, processor), processor, settings.learner)).serve()
         return 0
-    service = Service("learner")
+    service = Service("learner", settings.shutdown_grace_s)
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     stream_metrics.register(streams)
@@ -472,15 +488,7 @@ def run(settings: Settings, resume: bool = False) -> int:
         learner.lockstep.stop()
         raise SystemExit(f"mmupt learner: {exc}") from None
 
-    app = base_app("mmupt learner", ready=lambda: True)
-
-    @app.get("/v1/status")
-    def status():
-        synthesis = {"synthesis": synthetic.report.as_dict()} if synthetic else {}
-        return {"version": learner.version, "step": learner.step, "max_steps": settings.learner.max_steps,
-                **streams.state(), **learner.ledger.counters(), "uncommitted": len(learner.ledger.held), **synthesis}
-
-    service.serve_http(app, settings.learner.host, settings.learner.http_port)
+    service.serve_http(learner_app(learner), settings.learner.host, settings.learner.http_port)
 
     service.task("train", lambda: learner.run(service.stop))
     def on_stop() -> None:

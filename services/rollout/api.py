@@ -279,7 +279,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 # ---- the app ------------------------------------------------------------------------------------
 def build_app(server: RolloutServer, version_info: Callable[[], dict] | None = None) -> FastAPI:
-    app = base_app("mmupt rollout", ready=server.ready)
+    app = base_app("mmupt rollout", ready=server.ready, max_request_bytes=None)  # limit below, in the API's format
     max_body = server.settings.rollout.max_request_bytes
 
     @app.exception_handler(RequestError)

@@ -67,7 +67,7 @@ class RolloutWorker:
                 return  # unacked entries stay pending and are picked up again
             prompt = None
             try:
-                prompt = decode(entry.payload or b"", PromptMsg)
+                prompt = decode(entry.payload or b"", PromptMsg, self.cfg.streams.max_entry_bytes)
                 group = self.sample(prompt)
             except (MalformedMessage, PromptError, PromptTooLong, ImageError, KeyError) as exc:
                 metrics.DEADLETTERED.inc()
@@ -110,7 +110,7 @@ def run(settings: Settings) -> int:
     if not settings.redis_url:
         raise SystemExit("the rollout server needs redis_url (config) or MMUPT_REDIS_URL")
     token = require_token(settings.auth)
-    service = Service("rollout")
+    service = Service("rollout", settings.shutdown_grace_s)
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     r = settings.rollout
@@ -141,7 +141,9 @@ def run(settings: Settings) -> int:
     service.loop("rollout", lambda: worker.step(service.stop))
     log.info("rollout %s: weight sync on %s, consuming %s", worker.consumer, server_id, streams.keys.prompts)
 
-    def on_stop() -> None:
+    def on_stop() -> None:  # the loops have finished: hand back what they read and did not finish
+        handed = streams.hand_back("prompts", worker.consumer)
+        log.info("stopping: %d unfinished prompts handed back", handed)
         streams.unregister_server(server_id)
         grpc_server.stop(grace=5)
         server.close()

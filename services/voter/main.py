@@ -73,7 +73,7 @@ class Voter:
         for entry in entries:
             group = None
             try:
-                group = decode(entry.payload or b"", GroupMsg)
+                group = decode(entry.payload or b"", GroupMsg, self.cfg.streams.max_entry_bytes)
                 scored = self.score(group)
             except (MalformedMessage, ValueError) as exc:
                 metrics.DEADLETTERED.inc()
@@ -87,7 +87,7 @@ def vote_app(settings: Settings, grader: Grader):
 
     The HTTP grader is not the stream loop's: requests never hold up training groups' comparisons.
     """
-    app = base_app("mmupt voter", ready=lambda: True)
+    app = base_app("mmupt voter", ready=lambda: True, max_request_bytes=settings.voter.max_request_bytes)
     policy, mode = VotePolicy.from_settings(settings.voter), settings.voter.reward_mode
 
     @app.post("/v1/vote")
@@ -121,7 +121,7 @@ def run(settings: Settings) -> int:
     if not settings.redis_url:
         raise SystemExit("the voter needs redis_url (config) or MMUPT_REDIS_URL")
     vc = settings.voter
-    service = Service("voter")
+    service = Service("voter", settings.shutdown_grace_s)
     streams = Streams(connect(settings.redis_url), settings.run_id, settings.streams)
     streams.ensure_groups()
     voter = Voter(settings, streams)
@@ -135,7 +135,8 @@ def run(settings: Settings) -> int:
     log.info("voter %s consuming %s (grader %s, reward mode %s, tie policy %s, min agreement %.2f)",
              voter.consumer, streams.keys.groups, vc.grader, vc.reward_mode, vc.tie_policy, vc.min_agreement)
 
-    def close():
+    def close():  # the loop has finished: hand back what it read and did not finish
+        log.info("stopping: %d unfinished groups handed back", streams.hand_back("groups", voter.consumer))
         voter.grader.close()
         http_grader.close()
 
