@@ -17,7 +17,7 @@ from PIL import Image
 from mmupt.config import DataSettings, StreamSettings
 from mmupt.data import DataError, load_items, load_jsonl
 
-MATH_V = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data" / "math-v-testmini" / "testmini.jsonl"
+MATH_V = Path(__file__).resolve().parents[2] / "shared" / "data" / "math-v-testmini" / "testmini.jsonl"  # ../shared
 
 
 def png(color: str, size=(32, 24)) -> bytes:
