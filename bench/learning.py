@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -41,8 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default learner.max_steps)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-limit", type=int, default=None, help="first N held-out questions (default all)")
+    p.add_argument("--arms", nargs="+", default=["mmupt", "supervised"], choices=["mmupt", "supervised"],
+                   help="arms trained on the original questions")
     p.add_argument("--synth", action="store_true", help="also train on questions the base model wrote itself")
     p.add_argument("--synth-seeds", type=int, default=None, help="training images used as synthesis seeds (default all)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep finished runs found under --out (their checkpoints are evaluated again)")
     p.add_argument("--out", default="bench/results/learning")
     return p.parse_args(argv)
 
@@ -71,15 +76,14 @@ def synthesise(settings, work: Path, limit: int | None) -> tuple[str, dict]:
             log.info("reusing the synthetic questions in %s", out)
             return str(out), report
     if out.parent.exists():
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(out.parent)
     report = run_synthesis(settings, settings.data.train, out, mode="direct", model_dir=settings.model.path,
                            limit=limit, show_bar=True)
     return str(out), report
 
 
-def train_one(settings, arm: str, seed: int, steps: int, every: int, data: str, work: Path, evaluate: Evaluator) -> dict:
+def train_one(settings, arm: str, seed: int, steps: int, every: int, data: str, work: Path, evaluate: Evaluator,
+              reuse: bool = False) -> dict:
     s = settings.model_copy(deep=True)
     s.voter.reward_mode = ARMS[arm]
     s.data.train = data
@@ -88,7 +92,13 @@ def train_one(settings, arm: str, seed: int, steps: int, every: int, data: str, 
     s.learner.keep_checkpoints = steps // every + 1
     s.evaluation.enabled = False   # this benchmark evaluates every checkpoint itself
     out = work / f"{arm}-seed{seed}"
-    summary = run(s, out, run_id=f"bench-{arm}-{seed}-{int(time.time())}")
+    if reuse and (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        log.info("reusing the finished run in %s", out)
+    else:
+        if out.exists():
+            shutil.rmtree(out)  # a half-finished or old run: start again
+        summary = run(s, out, run_id=f"bench-{arm}-{seed}-{int(time.time())}")
     if summary["status"] != "finished":
         raise RuntimeError(f"{arm} seed {seed}: the run ended {summary['status']}; logs in {out / 'logs'}")
     curve = []
@@ -113,6 +123,7 @@ def aggregate(runs: list[dict], base: dict) -> dict:
             row[f"{metric}_sd"] = statistics.pstdev(values)
         row["gain"] = row["accuracy"] - base["accuracy"]
         row["seeds"] = len(finals)
+        row["prompts_admitted"] = statistics.mean(r["prompts_admitted"] for r in runs if r["arm"] == arm)
         table[arm] = row
     if "mmupt" in table and "supervised" in table and table["supervised"]["gain"] > 0:
         table["mmupt"]["share_of_supervised_gain"] = table["mmupt"]["gain"] / table["supervised"]["gain"]
@@ -122,15 +133,16 @@ def aggregate(runs: list[dict], base: dict) -> dict:
 
 
 def format_table(base: dict, table: dict) -> str:
-    lines = [f"{'arm':<14} {'seeds':>5} {'accuracy':>14} {'gain':>7} {'maj@k':>7} {'greedy':>7} {'vs supervised':>14}",
-             "-" * 74,
+    lines = [f"{'arm':<14} {'seeds':>5} {'accuracy':>14} {'gain':>7} {'maj@k':>7} {'greedy':>7} {'vs supervised':>14} "
+             f"{'prompts':>8}",
+             "-" * 83,
              f"{'no training':<14} {'-':>5} {100 * base['accuracy']:>14.1f} {0:>7.1f} {100 * base['maj_accuracy']:>7.1f} "
              f"{100 * base['greedy_accuracy']:>7.1f} {'':>14}"]
     for arm, row in table.items():
         share = row.get("share_of_supervised_gain")
         lines.append(f"{arm:<14} {row['seeds']:>5} {100 * row['accuracy']:>8.1f} ± {100 * row['accuracy_sd']:<3.1f} "
                      f"{100 * row['gain']:>+7.1f} {100 * row['maj_accuracy']:>7.1f} {100 * row['greedy_accuracy']:>7.1f} "
-                     f"{'' if share is None else f'{100 * share:.0f}%':>14}")
+                     f"{'' if share is None else f'{100 * share:.0f}%':>14} {row['prompts_admitted']:>8.0f}")
     return "\n".join(lines)
 
 
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     base = evaluate(settings.model.path)
     log.info("no training: %s", base)
-    plan = [(arm, settings.data.train) for arm in ("mmupt", "supervised")]
+    plan = [(arm, settings.data.train) for arm in args.arms]
     synth_report = None
     if args.synth:
         synth_data, synth_report = synthesise(settings, work, args.synth_seeds)
@@ -190,7 +202,7 @@ def main(argv=None) -> int:
     total = len(plan) * len(args.seeds)
     for arm, data in plan:
         for seed in args.seeds:
-            runs.append(train_one(settings, arm, seed, steps, args.eval_every, data, work, evaluate))
+            runs.append(train_one(settings, arm, seed, steps, args.eval_every, data, work, evaluate, args.reuse))
             done = len(runs)
             rate = (time.monotonic() - started) / done
             log.info("run %d/%d (%s seed %d): final accuracy %.3f | ETA %.0f s", done, total, arm, seed,

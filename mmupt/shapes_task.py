@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "purple": (140, 50, 170)}  # no yellow: too close to the white ground
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "purple": (140, 50, 170)}
 KINDS = ("circle", "square", "triangle")
 QUESTION_TYPES = ("color", "count", "count_color", "count_kind")
 DEFAULT_QUESTIONS = ("color",)
