@@ -72,6 +72,7 @@ class Learner:
         self._orders: dict[int, list[int]] = {}
         self._last_sync = 0.0
         self._taken_over = False
+        self._waited = 0.0     # seconds spent waiting for scored groups since the last step
 
     # ---- start and resume -----------------------------------------------------------------------
     def start(self, resume: bool = False) -> None:
@@ -233,7 +234,9 @@ class Learner:
         needed = max(1, self.rollout_groups - len(self.buffer))
         started = time.perf_counter()
         entries = self._read(needed)
-        metrics.WAIT_SECONDS.inc(time.perf_counter() - started)
+        waited = time.perf_counter() - started
+        metrics.WAIT_SECONDS.inc(waited)
+        self._waited += waited
         # Buffered, or trained and awaiting its checkpoint: a second copy is a duplicate.
         buffered = {s.group.group_id for _, s in self.buffer} | self.ledger.held_ids()
         for entry in entries:
@@ -301,6 +304,7 @@ class Learner:
             self.buffer = good + self.buffer  # wait for replacements
             return []
         updates = self.lockstep.call("train", groups=[entry.payload for entry, _ in good], images=images)
+        waited, self._waited = self._waited, 0.0
         lags = [self.version - s.group.policy_version for _, s in good]  # versions each group trails the policy
         for lag in lags:
             metrics.VERSION_LAG.observe(lag)
@@ -314,6 +318,8 @@ class Learner:
             stats["version_lag_max"] = max(lags[i * self.lc.batch_groups:(i + 1) * self.lc.batch_groups])
             part_rewards = [r for _, s in part for r in s.vote.rewards]
             stats["mean_reward"] = sum(part_rewards) / len(part_rewards)
+            # How long the learner sat idle for this batch: ~0 when learner-bound, the rollout time when starved.
+            stats["wait_seconds"] = waited if i == 0 else 0.0
             # How sure the policy is of its answers: the learning experiment plots these per step.
             stats["majority_ratio"] = sum(s.vote.majority_ratio for _, s in part) / len(part)
             stats["vote_entropy"] = sum(s.vote.vote_entropy for _, s in part) / len(part)
