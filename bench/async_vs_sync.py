@@ -14,10 +14,12 @@ the same cores and overlap can gain little. Rollout and learning time are balanc
 settings, the time to sample one rollout batch and the time of one learner step, and prints both.
 
 Steps per minute are counted from each run's train log, between its first and last step (model
-loading and start-up are left out, the same for both modes).
+loading and start-up are left out, the same for both modes). The train log also gives the balance as it
+was in the runs: the learner's step time, and how long it waited for each batch (in sync mode, the
+rollout side's time per batch: admission, sampling, voting).
 
-    python bench/async_vs_sync.py [--config configs/tiny-cpu.yaml] [--steps 12] [--group-size 32] \\
-        [--max-new-tokens 40] [--batch-groups 2] [--max-staleness 2] [--rounds 2] [--no-pin] [--out bench/results]
+    python bench/async_vs_sync.py [--config configs/tiny-cpu.yaml] [--steps 20] [--group-size 32] \\
+        [--max-new-tokens 128] [--batch-groups 2] [--max-staleness 2] [--rounds 2] [--no-pin] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # learner_step's helpe
 
 from mmupt import run as run_module  # noqa: E402
 from mmupt.config import Settings, load_settings  # noqa: E402
-from mmupt.data import ensure_data  # noqa: E402
+from mmupt.data import ensure_data, load_jsonl  # noqa: E402
 from mmupt.model import ensure_model  # noqa: E402
 from mmupt.services.learner.train_log import TrainLog  # noqa: E402
 
@@ -83,11 +85,12 @@ def calibrate(settings: Settings, cores: dict[str, set[int]] | None, work: Path)
             torch.set_num_threads(1)
             os.sched_setaffinity(0, cores["rollout"])
         backend = TransformersBackend(settings.model)
-        sample_batch(settings, 1, rc.group_size, rc.max_new_tokens, backend)  # warm-up
+        items = load_jsonl(settings.data.train)[:lc.batch_groups]
+        sample_batch(settings, 1, rc.group_size, rc.max_new_tokens, backend, items)  # warm-up
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            sampled = sample_batch(settings, lc.batch_groups, rc.group_size, rc.max_new_tokens, backend)
+            sampled = sample_batch(settings, lc.batch_groups, rc.group_size, rc.max_new_tokens, backend, items)
             times.append(time.perf_counter() - started)
         if cores:
             os.sched_setaffinity(0, cores["learner"])
@@ -112,6 +115,8 @@ def run_mode(settings: Settings, asynchronous: bool, out: Path) -> dict:
     return {"mode": "async" if asynchronous else "sync", "steps": summary["steps"],
             "steps_per_min": (last["step"] - first["step"]) / minutes,
             "learner_step_s": statistics.mean(r["step_seconds"] for r in rows[1:]),
+            # Idle time per step, waiting for scored groups: in sync mode, the rollout side's time per batch.
+            "learner_wait_s": statistics.mean(r["wait_seconds"] for r in rows[1:]),
             "mean_version_lag": statistics.mean(r["version_lag_max"] for r in rows),
             "groups_dropped_stale": summary["groups_dropped_stale"], "wall_s": summary["wall_seconds"],
             "step_times": [r["time"] - first["time"] for r in rows]}
@@ -123,6 +128,7 @@ def combine(runs: list[dict]) -> dict:
     middle = sorted(runs, key=lambda r: r["steps_per_min"])[len(runs) // 2]
     return {"mode": runs[0]["mode"], "steps_per_min": statistics.median(rates), "rounds": rates,
             "learner_step_s": statistics.mean(r["learner_step_s"] for r in runs),
+            "learner_wait_s": statistics.mean(r["learner_wait_s"] for r in runs),
             "mean_version_lag": statistics.mean(r["mean_version_lag"] for r in runs),
             "groups_dropped_stale": sum(r["groups_dropped_stale"] for r in runs), "step_times": middle["step_times"]}
 
@@ -154,7 +160,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny-cpu.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="the default balances rollout and learner on the 2-core VM (see bench/README.md)")
     parser.add_argument("--batch-groups", type=int, default=2)
     parser.add_argument("--max-staleness", type=int, default=2, help="async mode's bound")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternated")
@@ -185,10 +192,12 @@ def main() -> None:
             for i in range(args.rounds) for asynchronous in (True, False)]
     results = [combine([r for r in runs if r["mode"] == mode]) for mode in ("async", "sync")]
     ratio = results[0]["steps_per_min"] / results[1]["steps_per_min"]
-    print(f"\n| mode | steps/min (per round) | learner step s | mean version lag | dropped stale |\n|---|---|---|---|---|")
+    print("\n| mode | steps/min (per round) | learner step s | learner waits s/step | mean version lag | dropped stale |"
+          "\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['mode']} | {r['steps_per_min']:.1f} ({', '.join(f'{x:.1f}' for x in r['rounds'])}) | "
-              f"{r['learner_step_s']:.3f} | {r['mean_version_lag']:.2f} | {r['groups_dropped_stale']} |")
+              f"{r['learner_step_s']:.3f} | {r['learner_wait_s']:.3f} | {r['mean_version_lag']:.2f} | "
+              f"{r['groups_dropped_stale']} |")
     print(f"\nasync / sync steps per minute: {ratio:.2f}x (target >= 1.7x on the balanced setting)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,22 +26,28 @@ from mmupt.images import decode_image
 from mmupt.model import build_messages, build_tiny, load_processor, render_prompt
 from mmupt.services.learner.batch import BatchBuilder, rank_share
 from mmupt.services.learner.engine import PolicyEngine
-from mmupt.services.rollout.backend import PromptInput, SamplingParams
+from mmupt.services.rollout.backend import SamplingParams, prepare_prompt
 from mmupt.services.rollout.hf_backend import TransformersBackend
+from mmupt.services.rollout.main import group_seed
 from mmupt.shapes_task import write_dataset
 from mmupt.wire import GroupMsg, Response, Sampling, ScoredMsg, Vote, pack_floats, pack_ids
 
 
-def sample_batch(settings, groups: int, group_size: int, new_tokens: int,
-                 backend: TransformersBackend | None = None) -> list[tuple[ScoredMsg, list[bytes]]]:
-    """`groups` groups sampled by the rollout backend (a fresh one unless given), half of each group rewarded."""
+def sample_batch(settings, groups: int, group_size: int, new_tokens: int, backend: TransformersBackend | None = None,
+                 items: list | None = None) -> list[tuple[ScoredMsg, list[bytes]]]:
+    """`groups` groups sampled by the rollout backend (a fresh one unless given), half of each group rewarded.
+
+    Prompts are prepared and seeded as the rollout server does (one processor pass, a seed per group):
+    timing this is timing the server's sampling. `items` (default: read from data.train) keeps file
+    reading out of a timed call."""
     backend = backend or TransformersBackend(settings.model)
-    params = SamplingParams(n=group_size, temperature=1.0, max_new_tokens=new_tokens, seed=0)
     out = []
-    for i, item in enumerate(load_jsonl(settings.data.train)[:groups]):
+    for i, item in enumerate((items or load_jsonl(settings.data.train))[:groups]):
+        params = SamplingParams(n=group_size, temperature=1.0, max_new_tokens=new_tokens, seed=group_seed(0, f"0:{i}"))
         images = [decode_image(b, 1 << 26, 1 << 26) for b in item.images]
         text = render_prompt(backend.processor, build_messages(item.problem, len(images), settings.prompt))
-        result = backend.generate([PromptInput(text=text, images=images)], params)[0]
+        prompt = prepare_prompt(backend.processor, text, images, settings.rollout.max_prompt_tokens)
+        result = backend.generate([prompt], params)[0]
         responses = [Response(token_ids=pack_ids(c.token_ids), logprobs=pack_floats(c.logprobs), text=c.text,
                               finish_reason=c.finish_reason) for c in result.completions]
         group = GroupMsg(group_id=f"0:{i}", prompt_id=item.id, problem=item.problem, prompt_ids=pack_ids(result.prompt_ids),
